@@ -1,0 +1,35 @@
+"""callora-credits: prepaid USDC credits for API marketplaces, as a Flask blueprint.
+
+from callora_credits import credits_bp
+app.register_blueprint(credits_bp, url_prefix="/api/billing")
+"""
+
+from __future__ import annotations
+
+from . import cli as _cli  # noqa: F401  (registers `flask credits`)
+from . import views as _views  # noqa: F401  (registers the routes)
+from .blueprint import credits_bp as credits_bp
+from .errors import CreditsError as CreditsError
+from .extension import current_ledger as current_ledger
+from .ledger import Balance as Balance
+from .ledger import Ledger as Ledger
+from .migrate import include_name as include_name
+from .models import metadata as metadata
+from .money import UNITS_PER_USDC as UNITS_PER_USDC
+from .money import format_units as format_units
+from .money import parse_amount as parse_amount
+
+__all__ = [
+    "UNITS_PER_USDC",
+    "Balance",
+    "CreditsError",
+    "Ledger",
+    "credits_bp",
+    "current_ledger",
+    "format_units",
+    "include_name",
+    "metadata",
+    "parse_amount",
+]
+
+__version__ = "0.1.0"

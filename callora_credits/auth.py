@@ -1,0 +1,156 @@
+"""Who is calling, and what they may do (SPEC §3).
+
+The token is read from the host's ``JWT_HEADER_NAME`` header by this module
+and verified by Flask-JWT-Extended's own decoding, so the host's keys,
+algorithms, audience, issuer, identity claim, leeway, blocklist and claims
+verification all apply. Only header tokens are accepted: no cookies, no query
+strings. ``X-User-Id`` is an identity only when the host opts in with
+``CREDITS_TRUST_USER_ID_HEADER`` (an app behind an authenticating gateway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jwt
+from flask import current_app
+from flask_jwt_extended import decode_token
+from flask_jwt_extended.exceptions import JWTExtendedException
+from flask_jwt_extended.internal_utils import (
+    custom_verification_for_token,
+    verify_token_not_blocklisted,
+)
+from jwt.exceptions import InvalidSubjectError
+from werkzeug.datastructures import Headers
+
+from .config import CreditsConfig
+from .errors import Forbidden, Unauthorized
+
+__all__ = ["Caller", "authenticate", "valid_identity"]
+
+USER_ID_HEADER = "X-User-Id"
+MAX_IDENTITY_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: their identity and the scopes they hold."""
+
+    user_id: str
+    scopes: frozenset[str]
+    via: Literal["jwt", "header"]
+
+    def is_admin(self, cfg: CreditsConfig) -> bool:
+        """Holds the admin scope (top-ups, refunds, other users' data)."""
+        return cfg.admin_scope in self.scopes
+
+    def is_service(self, cfg: CreditsConfig) -> bool:
+        """Holds the service scope (charges and holds) or the admin scope."""
+        return cfg.service_scope in self.scopes or self.is_admin(cfg)
+
+    def require_admin(self, cfg: CreditsConfig) -> None:
+        if not self.is_admin(cfg):
+            raise Forbidden(f"This operation requires the {cfg.admin_scope} scope")
+
+    def require_service(self, cfg: CreditsConfig) -> None:
+        if not self.is_service(cfg):
+            raise Forbidden(f"This operation requires the {cfg.service_scope} scope")
+
+    def target_user(self, requested: str | None, cfg: CreditsConfig) -> str:
+        """The user a read is about: the caller, or another one for an admin."""
+        if requested is None or requested == self.user_id:
+            return self.user_id
+        if not self.is_admin(cfg):
+            raise Forbidden("Reading another user's data requires the admin scope")
+        return requested
+
+
+def valid_identity(value: object) -> bool:
+    """1-128 printable characters, not all blank."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_IDENTITY_LENGTH
+        and value.isprintable()
+        and not value.isspace()
+    )
+
+
+def _scopes(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
+    raw = claims.get(claim)
+    if isinstance(raw, str):
+        return frozenset(raw.split())
+    if isinstance(raw, list):
+        return frozenset(item for item in raw if isinstance(item, str))
+    return frozenset()
+
+
+def _token_from_header(raw: str, header_type: str) -> str:
+    value = raw.strip()
+    if not header_type:
+        token = value
+    else:
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != header_type.lower():
+            raise Unauthorized(
+                f"Authorization header must use the {header_type} scheme",
+                "INVALID_AUTH_HEADER",
+            )
+        token = token.strip()
+    if not token:
+        raise Unauthorized("Bearer token is missing", "MISSING_TOKEN")
+    if any(ch in token for ch in " ,\t"):
+        raise Unauthorized("Send exactly one token", "INVALID_TOKEN")
+    return token
+
+
+def _verify(token: str) -> dict[str, Any]:
+    try:
+        claims: dict[str, Any] = decode_token(token)
+        header = jwt.get_unverified_header(token)
+        if claims.get("type") == "refresh":
+            raise Unauthorized("A refresh token cannot be used here", "INVALID_TOKEN")
+        verify_token_not_blocklisted(header, claims)
+        custom_verification_for_token(header, claims)
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("Token has expired", "TOKEN_EXPIRED") from None
+    except jwt.ImmatureSignatureError:
+        raise Unauthorized("Token is not valid yet", "TOKEN_NOT_ACTIVE") from None
+    except InvalidSubjectError:
+        raise Unauthorized("Token identity must be a string", "MISSING_CLAIMS") from None
+    except JWTExtendedException as exc:
+        if str(exc).startswith("Missing claim"):
+            raise Unauthorized("Token has no identity claim", "MISSING_CLAIMS") from None
+        raise Unauthorized("Token is invalid", "INVALID_TOKEN") from None
+    except jwt.PyJWTError:
+        raise Unauthorized("Token is invalid", "INVALID_TOKEN") from None
+    return claims
+
+
+def authenticate(headers: Headers, cfg: CreditsConfig) -> Caller:
+    """Resolve the caller from request headers, or raise :class:`Unauthorized`.
+
+    With a ``JWTManager``, a present token header wins over ``X-User-Id``;
+    without one, the token header is ignored (SPEC §3).
+    """
+    app_config = current_app.config
+    has_jwt = "flask-jwt-extended" in current_app.extensions
+    header_name = app_config.get("JWT_HEADER_NAME", "Authorization")
+    raw = headers.get(header_name)
+    if has_jwt and raw is not None:
+        token = _token_from_header(raw, app_config.get("JWT_HEADER_TYPE", "Bearer"))
+        claims = _verify(token)
+        identity = claims.get(app_config.get("JWT_IDENTITY_CLAIM", "sub"))
+        if not valid_identity(identity):
+            raise Unauthorized(
+                "Token identity must be 1-128 printable characters", "MISSING_CLAIMS"
+            )
+        return Caller(str(identity), _scopes(claims, cfg.scope_claim), "jwt")
+    if cfg.trust_user_id_header:
+        user_id = headers.get(USER_ID_HEADER)
+        if user_id is not None:
+            if not valid_identity(user_id):
+                raise Unauthorized("X-User-Id must be 1-128 printable characters")
+            return Caller(user_id, frozenset(), "header")
+    raise Unauthorized()

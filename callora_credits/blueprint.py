@@ -1,0 +1,250 @@
+"""``credits_bp``: registration, request ids, error rendering, routing errors.
+
+Everything here is registered on the blueprint, never app-wide, so the host's
+own error pages and hooks are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Blueprint, Response, g, request
+from flask.blueprints import BlueprintSetupState
+from pydantic import BaseModel
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.exceptions import NotFound as WerkzeugNotFound
+from werkzeug.routing import Map, Rule
+
+from .config import DEFAULTS
+from .errors import (
+    CreditsError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ValidationError,
+    dumps,
+    new_request_id,
+    sanitize_request_id,
+)
+from .extension import EXTENSION_KEY, CreditsState
+
+__all__ = ["Operation", "credits_bp", "json_response", "operation", "request_id"]
+
+log = logging.getLogger("callora_credits")
+
+credits_bp = Blueprint("credits", __name__, cli_group="credits")
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One documented route: what the OpenAPI document is built from."""
+
+    method: str
+    rule: str
+    endpoint: str
+    summary: str
+    scope: str
+    success: int
+    response: type[BaseModel] | None
+    query: type[BaseModel] | None = None
+    body: type[BaseModel] | None = None
+    errors: tuple[int, ...] = ()
+    idempotent_post: bool = False
+    description: str = ""
+    tags: tuple[str, ...] = field(default=("credits",))
+
+
+#: Every route of the blueprint, in registration order.
+OPERATIONS: list[Operation] = []
+# The /credits routes alone, to tell a 404 from a 405 in the catch-all.
+_CREDITS_MAP = Map()
+
+
+def operation(
+    rule: str,
+    method: str,
+    *,
+    summary: str,
+    scope: str,
+    success: int = 200,
+    response: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    body: type[BaseModel] | None = None,
+    errors: tuple[int, ...] = (),
+    description: str = "",
+) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
+    """Register a view on ``credits_bp`` and record it for the OpenAPI document."""
+
+    def decorator(view: Callable[..., Response]) -> Callable[..., Response]:
+        endpoint = view.__name__
+        OPERATIONS.append(
+            Operation(
+                method=method,
+                rule=rule,
+                endpoint=endpoint,
+                summary=summary,
+                scope=scope,
+                success=success,
+                response=response,
+                query=query,
+                body=body,
+                errors=errors,
+                idempotent_post=method == "POST",
+                description=description or (view.__doc__ or "").strip(),
+            )
+        )
+        if rule.startswith("/credits"):
+            _CREDITS_MAP.add(Rule(rule, methods=[method], endpoint=endpoint))
+        credits_bp.add_url_rule(rule, endpoint, view, methods=[method])
+        return view
+
+    return decorator
+
+
+@credits_bp.record_once
+def _setup(setup_state: BlueprintSetupState) -> None:
+    app = setup_state.app
+    for key, value in DEFAULTS.items():
+        app.config.setdefault(key, value)
+    if "sqlalchemy" not in app.extensions:
+        raise RuntimeError(
+            "callora_credits needs Flask-SQLAlchemy on the app: create "
+            "`db = SQLAlchemy(app)` (or call `db.init_app(app)`) before "
+            "registering credits_bp."
+        )
+    if (
+        "flask-jwt-extended" not in app.extensions
+        and not app.config["CREDITS_TRUST_USER_ID_HEADER"]
+    ):
+        raise RuntimeError(
+            "callora_credits needs an identity for each request: create "
+            "`JWTManager(app)` before registering credits_bp, or, behind an "
+            "authenticating gateway, set CREDITS_TRUST_USER_ID_HEADER = True "
+            "to accept X-User-Id."
+        )
+    from .config import CreditsConfig
+
+    CreditsConfig(app.config)  # fail now, not on the first request, on a bad limit
+    app.extensions[EXTENSION_KEY] = CreditsState()
+
+
+def request_id() -> str:
+    """This request's id: the sanitized ``X-Request-Id`` or a new one."""
+    rid: str | None = g.get("credits_request_id")
+    if rid is None:
+        rid = sanitize_request_id(request.headers.get("X-Request-Id")) or new_request_id()
+        g.credits_request_id = rid
+    return rid
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    """A JSON response the library's way (compact, UTF-8)."""
+    return Response(dumps(payload), status=status, mimetype="application/json")
+
+
+def error_response(error: CreditsError) -> Response:
+    return json_response(error.body(request_id()), error.status)
+
+
+@credits_bp.before_request
+def _start() -> None:
+    g.credits_started = time.perf_counter()
+    request_id()
+
+
+@credits_bp.after_request
+def _finish(response: Response) -> Response:
+    response.headers["X-Request-Id"] = request_id()
+    started = g.get("credits_started")
+    elapsed_ms = (time.perf_counter() - started) * 1000 if started else 0.0
+    log.info(
+        "%s %s %s %.1fms",
+        request.method,
+        request.path,
+        response.status_code,
+        elapsed_ms,
+        extra={
+            "request_id": request_id(),
+            "method": request.method,
+            "path": request.path,
+            "status": response.status_code,
+            "duration_ms": round(elapsed_ms, 1),
+            "user_id": g.get("credits_user_id"),
+        },
+    )
+    return response
+
+
+@credits_bp.errorhandler(CreditsError)
+def _credits_error(error: CreditsError) -> Response:
+    if error.status >= 500:
+        log.error("credits: %s", error.message, extra={"request_id": request_id()})
+    return error_response(error)
+
+
+_HTTP_ERRORS: dict[int, type[CreditsError]] = {
+    400: ValidationError,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+@credits_bp.errorhandler(HTTPException)
+def _http_error(error: HTTPException) -> Response:
+    mapped = _HTTP_ERRORS.get(error.code or 500)
+    if mapped is None:
+        return _unexpected(error)
+    return error_response(mapped())
+
+
+@credits_bp.errorhandler(Exception)
+def _unexpected(error: Exception) -> Response:
+    # The detail goes to the log with the request id, never to the client.
+    log.error(
+        "credits: unhandled error",
+        exc_info=error,
+        extra={"request_id": request_id()},
+    )
+    return error_response(InternalError())
+
+
+def _routing_error() -> Response:
+    """The catch-all under /credits: JSON 404 or 405 (SPEC §4).
+
+    Routing errors are raised before a blueprint is chosen, so blueprint error
+    handlers never see them; these rules catch what no real route matched.
+    """
+    rest = (request.view_args or {}).get("rest", "")
+    path = "/credits/" + rest if rest else "/credits"
+    adapter = _CREDITS_MAP.bind("credits.invalid")
+    try:
+        adapter.match(path, method=request.method)
+    except WerkzeugMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.valid_methods or []))
+        if request.method == "OPTIONS":
+            response = Response(status=204)
+        else:
+            response = error_response(
+                MethodNotAllowed(f"Method {request.method} is not allowed; use {allowed}")
+            )
+        response.headers["Allow"] = allowed
+        return response
+    except WerkzeugNotFound:
+        pass
+    return error_response(NotFound(f"No such endpoint: {request.path}"))
+
+
+def register_routing_fallbacks() -> None:
+    """Add the catch-all rules; called once, after every real route exists,
+    so that the real routes are matched first."""
+    for rule in ("/credits", "/credits/<path:rest>"):
+        credits_bp.add_url_rule(rule, "routing_error", _routing_error, methods=ALL_METHODS)

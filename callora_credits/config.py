@@ -1,0 +1,67 @@
+"""Configuration keys, their defaults, and a typed read-only view of them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import current_app
+
+from .money import parse_limit
+
+__all__ = ["DEFAULTS", "CreditsConfig", "config"]
+
+#: Every key the library reads, with its default (SPEC §11). Set on the host
+#: app with ``setdefault`` when the blueprint is registered.
+DEFAULTS: Mapping[str, Any] = {
+    "CREDITS_TRUST_USER_ID_HEADER": False,
+    "CREDITS_SCOPE_CLAIM": "scope",
+    "CREDITS_ADMIN_SCOPE": "credits:admin",
+    "CREDITS_SERVICE_SCOPE": "credits:charge",
+    "CREDITS_MAX_AMOUNT_USDC": "1000000000",
+    "CREDITS_MAX_BALANCE_USDC": "100000000000",
+    "CREDITS_MAX_BODY_BYTES": 65536,
+    "CREDITS_HOLD_TTL_SECONDS": 900,
+    "CREDITS_HOLD_TTL_MAX_SECONDS": 86400,
+    "CREDITS_IDEMPOTENCY_TTL_SECONDS": 86400,
+    "CREDITS_IDEMPOTENCY_WAIT_SECONDS": 5,
+    "CREDITS_LOW_BALANCE_USDC": None,
+    "CREDITS_PAGE_SIZE_MAX": 100,
+    "CREDITS_DB_RETRIES": 5,
+}
+
+
+class CreditsConfig:
+    """A typed view of the ``CREDITS_*`` keys of one app's config.
+
+    Amount limits are parsed into units once, when the view is built.
+    """
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        def get(key: str) -> Any:
+            return values[key] if key in values else DEFAULTS[key]
+
+        self.trust_user_id_header = bool(get("CREDITS_TRUST_USER_ID_HEADER"))
+        self.scope_claim = str(get("CREDITS_SCOPE_CLAIM"))
+        self.admin_scope = str(get("CREDITS_ADMIN_SCOPE"))
+        self.service_scope = str(get("CREDITS_SERVICE_SCOPE"))
+        self.max_amount_units = parse_limit(get("CREDITS_MAX_AMOUNT_USDC"))
+        self.max_balance_units = parse_limit(get("CREDITS_MAX_BALANCE_USDC"))
+        self.max_body_bytes = int(get("CREDITS_MAX_BODY_BYTES"))
+        self.hold_ttl_seconds = int(get("CREDITS_HOLD_TTL_SECONDS"))
+        self.hold_ttl_max_seconds = int(get("CREDITS_HOLD_TTL_MAX_SECONDS"))
+        self.idempotency_ttl_seconds = int(get("CREDITS_IDEMPOTENCY_TTL_SECONDS"))
+        self.idempotency_wait_seconds = float(get("CREDITS_IDEMPOTENCY_WAIT_SECONDS"))
+        low = get("CREDITS_LOW_BALANCE_USDC")
+        self.low_balance_units = None if low is None else parse_limit(low)
+        self.page_size_max = int(get("CREDITS_PAGE_SIZE_MAX"))
+        self.db_retries = int(get("CREDITS_DB_RETRIES"))
+
+
+def config() -> CreditsConfig:
+    """The current app's credits configuration.
+
+    Built from ``current_app.config`` on each call so tests and hosts that
+    change a key at run time see the change; parsing is a few microseconds.
+    """
+    return CreditsConfig(current_app.config)

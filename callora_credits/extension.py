@@ -1,0 +1,58 @@
+"""Per-app state, kept in ``app.extensions["callora_credits"]``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from flask import current_app
+from sqlalchemy.engine import Engine
+
+from .config import CreditsConfig, config
+from .ledger import Clock, Ledger, utcnow
+from .unit_of_work import RetryStats
+
+__all__ = ["CreditsState", "current_ledger", "state"]
+
+EXTENSION_KEY = "callora_credits"
+
+
+class CreditsState:
+    """What the library keeps per app: the clock, retry counts, the ledger.
+
+    ``clock`` is the one clock hold expiry is compared against (the app's, in
+    UTC); tests replace it to move time.
+    """
+
+    def __init__(self) -> None:
+        self.clock: Clock = utcnow
+        self.stats = RetryStats()
+
+    def ledger(self, engine: Engine, config: CreditsConfig) -> Ledger:
+        """A ledger on ``engine``; cheap, built per use so config changes apply."""
+        return Ledger(engine, config, clock=self._now, stats=self.stats)
+
+    def _now(self) -> datetime:
+        # Late-bound so a clock replaced after start-up is used at once.
+        return self.clock()
+
+
+def state() -> CreditsState:
+    """The current app's state; explains the fix when the blueprint is missing."""
+    try:
+        found: CreditsState = current_app.extensions[EXTENSION_KEY]
+    except KeyError:
+        raise RuntimeError(
+            "callora_credits is not set up on this app. Did you forget to call "
+            'app.register_blueprint(credits_bp, url_prefix="/api/billing")?'
+        ) from None
+    return found
+
+
+def current_ledger() -> Ledger:
+    """The :class:`~callora_credits.ledger.Ledger` of the current app.
+
+    Runs on the host's Flask-SQLAlchemy default engine with the app's
+    ``CREDITS_*`` configuration.
+    """
+    db = current_app.extensions["sqlalchemy"]
+    return state().ledger(db.engine, config())

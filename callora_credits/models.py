@@ -1,0 +1,177 @@
+"""The library's tables, on its own metadata.
+
+The tables never reference host tables: ``user_id`` is a plain string, so the
+host may keep its users anywhere (or nowhere). Identifier columns compare byte
+for byte on every engine (MariaDB tables use ``utf8mb4_bin``), so ``Alice``
+and ``alice`` are two users.
+
+Timestamps are stored as naive UTC with microseconds (MariaDB ``DATETIME(6)``)
+and turned into aware UTC datetimes when read.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "Account",
+    "Base",
+    "Hold",
+    "IdempotencyRecord",
+    "LedgerEntry",
+    "metadata",
+]
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+#: Naive UTC with microseconds on every engine.
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+#: JSON documents (metadata, stored responses); MariaDB TEXT stops at 64 KiB.
+Document = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+
+USER_ID_LENGTH = 128
+ID_LENGTH = 32
+REFERENCE_LENGTH = 255
+
+_MARIADB_TABLE = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the library's models (not the host's)."""
+
+    metadata = metadata
+
+
+class Account(Base):
+    """One user's balance; the row every balance change locks first."""
+
+    __tablename__ = "credits"
+    __table_args__ = (
+        CheckConstraint("balance_units >= 0", name="balance_nonnegative"),
+        CheckConstraint("last_seq >= 0", name="last_seq_nonnegative"),
+        _MARIADB_TABLE,
+    )
+
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), primary_key=True)
+    balance_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    #: The ``seq`` of the user's newest ledger entry, advanced in the same
+    #: statement that changes the balance.
+    last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+
+class LedgerEntry(Base):
+    """An append-only ledger entry; only ``refunded_units`` ever changes."""
+
+    __tablename__ = "credits_transactions"
+    __table_args__ = (
+        UniqueConstraint("user_id", "seq"),
+        UniqueConstraint("user_id", "type", "reference"),
+        CheckConstraint(
+            "type IN ('topup', 'charge', 'refund', 'hold_capture', 'adjustment')",
+            name="type_known",
+        ),
+        CheckConstraint("balance_after_units >= 0", name="balance_after_nonnegative"),
+        CheckConstraint("refunded_units >= 0", name="refunded_nonnegative"),
+        _MARIADB_TABLE,
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), nullable=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    type: Mapped[str] = mapped_column(String(16), nullable=False)
+    amount_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    balance_after_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reference: Mapped[str | None] = mapped_column(String(REFERENCE_LENGTH))
+    description: Mapped[str | None] = mapped_column(String(500))
+    metadata_json: Mapped[str] = mapped_column(Document, nullable=False)
+    hold_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    refund_of: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    refunded_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    actor_id: Mapped[str | None] = mapped_column(String(USER_ID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+
+class Hold(Base):
+    """A two-phase reservation against a user's balance."""
+
+    __tablename__ = "credits_holds"
+    __table_args__ = (
+        UniqueConstraint("user_id", "reference"),
+        Index("ix_credits_holds_user_id_status_expires_at", "user_id", "status", "expires_at"),
+        Index("ix_credits_holds_user_id_created_at", "user_id", "created_at"),
+        CheckConstraint(
+            "status IN ('pending', 'captured', 'released', 'expired')",
+            name="status_known",
+        ),
+        CheckConstraint("amount_units > 0", name="amount_positive"),
+        CheckConstraint(
+            "captured_units >= 0 AND captured_units <= amount_units",
+            name="captured_within_amount",
+        ),
+        _MARIADB_TABLE,
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    amount_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    captured_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    resolved_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    transaction_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    reference: Mapped[str | None] = mapped_column(String(REFERENCE_LENGTH))
+    metadata_json: Mapped[str] = mapped_column(Document, nullable=False)
+    actor_id: Mapped[str | None] = mapped_column(String(USER_ID_LENGTH))
+
+
+class IdempotencyRecord(Base):
+    """A claimed Idempotency-Key and the response it produced.
+
+    ``key_hash`` is the SHA-256 of (caller, method, path, key): the scope of
+    SPEC §6 in a fixed-size primary key, which arbitrates concurrent claims.
+    ``user_id`` is the target account, so the row shards with the money it
+    moved (SPEC §12).
+    """
+
+    __tablename__ = "credits_idempotency"
+    __table_args__ = (
+        Index("ix_credits_idempotency_expires_at", "expires_at"),
+        _MARIADB_TABLE,
+    )
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(String(USER_ID_LENGTH))
+    actor_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), nullable=False)
+    method: Mapped[str] = mapped_column(String(8), nullable=False)
+    path: Mapped[str] = mapped_column(String(512), nullable=False)
+    idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False)
+    fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    status_code: Mapped[int] = mapped_column(Integer, nullable=False)
+    response_body: Mapped[str] = mapped_column(Document, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)

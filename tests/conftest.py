@@ -1,0 +1,203 @@
+"""Fixtures: one migrated database per engine per session, an app per test.
+
+SQLite always runs. PostgreSQL and MariaDB run when
+``CREDITS_TEST_POSTGRES_URL`` / ``CREDITS_TEST_MYSQL_URL`` name a server; with
+``CI=true`` a missing one fails the run instead of being skipped. Each session
+creates its own database on those servers and drops it at the end; tests use
+unique user ids, so nothing depends on test order.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask_jwt_extended import JWTManager
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.engine import make_url
+
+from callora_credits import credits_bp, migrate
+
+SECRET = "test-secret-key-that-is-long-enough-for-hs256"
+ENV_URLS = {
+    "postgresql": "CREDITS_TEST_POSTGRES_URL",
+    "mysql": "CREDITS_TEST_MYSQL_URL",
+}
+
+
+def _engines() -> list[str]:
+    engines = ["sqlite"]
+    for name, var in ENV_URLS.items():
+        if os.environ.get(var):
+            engines.append(name)
+        elif os.environ.get("CI") == "true":
+            raise pytest.UsageError(f"CI=true but {var} is not set: {name} tests would not run")
+    return engines
+
+
+ENGINES = _engines()
+
+
+def _server_url(name: str) -> str:
+    return os.environ[ENV_URLS[name]]
+
+
+def _create_database(name: str, tmp_dir: Path) -> str:
+    """Create an empty database for this session; return its URL."""
+    if name == "sqlite":
+        return f"sqlite:///{tmp_dir / 'credits.sqlite3'}"
+    server = make_url(_server_url(name))
+    db_name = f"credits_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if name == "mysql":
+            conn.exec_driver_sql(
+                f"CREATE DATABASE {db_name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+            )
+        else:
+            conn.exec_driver_sql(f"CREATE DATABASE {db_name}")
+    admin.dispose()
+    return server.set(database=db_name).render_as_string(hide_password=False)
+
+
+def _drop_database(name: str, url: str) -> None:
+    if name == "sqlite":
+        return
+    server = make_url(_server_url(name))
+    db_name = make_url(url).database
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if name == "postgresql":
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+        else:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {db_name}")
+    admin.dispose()
+
+
+class Databases:
+    """Lazily created, migrated databases, one per engine, for the session."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self.tmp_dir = tmp_dir
+        self.urls: dict[str, str] = {}
+
+    def url(self, name: str, *, migrated: bool = True) -> str:
+        key = name if migrated else f"{name}-empty"
+        if key not in self.urls:
+            folder = self.tmp_dir / key
+            folder.mkdir(parents=True, exist_ok=True)
+            url = _create_database(name, folder)
+            if migrated:
+                engine = sa.create_engine(url)
+                migrate.upgrade(engine)
+                engine.dispose()
+            self.urls[key] = url
+        return self.urls[key]
+
+    def drop_all(self) -> None:
+        for key, url in self.urls.items():
+            _drop_database(key.removesuffix("-empty"), url)
+
+
+@pytest.fixture(scope="session")
+def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
+    dbs = Databases(tmp_path_factory.mktemp("databases"))
+    yield dbs
+    dbs.drop_all()
+
+
+@pytest.fixture(params=ENGINES)
+def engine_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def make_app(database_url: str, **config: Any) -> Flask:
+    """A host app the way the README says to write one."""
+    app = Flask("credits_test_host")
+    app.config.update(
+        TESTING=True,
+        SQLALCHEMY_DATABASE_URI=database_url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 20, "max_overflow": 40}
+        if not database_url.startswith("sqlite")
+        else {},
+        JWT_SECRET_KEY=SECRET,
+    )
+    jwt_manager = config.pop("with_jwt", True)
+    app.config.update(config)
+    db = SQLAlchemy()
+    db.init_app(app)
+    if jwt_manager:
+        JWTManager(app)
+    app.register_blueprint(credits_bp, url_prefix="/api/billing")
+    return app
+
+
+@pytest.fixture
+def app_config() -> dict[str, Any]:
+    """Extra config for the ``app`` fixture; override in a test module."""
+    return {}
+
+
+@pytest.fixture
+def app(databases: Databases, engine_name: str, app_config: dict[str, Any]) -> Iterator[Flask]:
+    app = make_app(databases.url(engine_name), **app_config)
+    yield app
+    with app.app_context():
+        app.extensions["sqlalchemy"].engine.dispose()
+
+
+def make_token(
+    user_id: Any = "user_1",
+    *,
+    scopes: str | list[str] | None = None,
+    secret: str = SECRET,
+    algorithm: str = "HS256",
+    expires_in: timedelta = timedelta(minutes=15),
+    omit_identity: bool = False,
+    **claims: Any,
+) -> str:
+    """A signed access token shaped like Flask-JWT-Extended's."""
+    now = datetime.now(timezone.utc)
+    payload: dict[str, Any] = {
+        "iat": now,
+        "nbf": now,
+        "exp": now + expires_in,
+        "jti": uuid.uuid4().hex,
+        "type": "access",
+        "fresh": False,
+    }
+    if not omit_identity:
+        payload["sub"] = user_id
+    if scopes is not None:
+        payload["scope"] = scopes
+    payload.update(claims)
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+@pytest.fixture
+def user_id() -> str:
+    """A user id no other test uses."""
+    return f"user_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def auth() -> Callable[..., dict[str, str]]:
+    """Headers with a bearer token: ``auth(user_id, scopes=…)``."""
+
+    def headers(user: str, **kwargs: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {make_token(user, **kwargs)}"}
+
+    return headers
+
+
+ADMIN = "ops_admin"
+ADMIN_SCOPE = "credits:admin"
+SERVICE_SCOPE = "credits:charge"
