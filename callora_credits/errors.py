@@ -205,3 +205,20 @@ def sanitize_request_id(raw: str | None) -> str | None:
 def new_request_id() -> str:
     """A fresh request id, ``req_`` and 24 hex digits."""
     return "req_" + secrets.token_hex(12)
+
+
+def _subclasses(cls: type[CreditsError]) -> list[type[CreditsError]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_subclasses(sub))
+    return found
+
+
+def error_from_body(status: int, body: dict[str, Any]) -> CreditsError:
+    """Rebuild the error a stored response describes (Python API replays)."""
+    code = body.get("code")
+    for cls in _subclasses(CreditsError):
+        if cls.code == code and cls.status == status:
+            return cls(body.get("message"), body.get("details"))
+    return InternalError(body.get("message"))

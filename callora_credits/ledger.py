@@ -7,19 +7,55 @@ returns plain dataclasses, and reports failures as :mod:`.errors` exceptions.
 
 from __future__ import annotations
 
+import base64
+import json
+import secrets
+import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import store
+from . import signals, store
 from .config import CreditsConfig
-from .unit_of_work import RetryStats, Tx, run
+from .errors import (
+    BalanceLimitExceeded,
+    CreditsError,
+    DuplicateReference,
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    InsufficientCredits,
+    NotFound,
+    RefundExceedsCharge,
+    ValidationError,
+    dumps,
+    error_from_body,
+)
+from .idempotency import Idempotency, Outcome
+from .money import format_units, parse_units
+from .unit_of_work import RetryStats, RetryTransaction, Tx, run
 
-__all__ = ["Balance", "Clock", "Ledger", "utc", "utcnow"]
+__all__ = [
+    "Adjust",
+    "Balance",
+    "Charge",
+    "Clock",
+    "Entry",
+    "Ledger",
+    "Page",
+    "ReconcileReport",
+    "Refund",
+    "TopUp",
+    "utc",
+    "utcnow",
+]
 
 T = TypeVar("T")
 
@@ -66,11 +102,233 @@ def _balance(row: Any) -> Balance:
     )
 
 
+# --- domain objects ----------------------------------------------------------
+
+ENTRY_TYPES = ("topup", "charge", "refund", "hold_capture", "adjustment")
+REFUNDABLE_TYPES = ("charge", "hold_capture")
+
+
+def iso(value: datetime) -> str:
+    """ISO 8601 UTC with microseconds and a ``Z``."""
+    return utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ledger entry. ``amount_units`` is signed: credits positive."""
+
+    id: str
+    user_id: str
+    seq: int
+    type: str
+    amount_units: int
+    balance_after_units: int
+    reference: str | None
+    description: str | None
+    metadata: dict[str, str]
+    hold_id: str | None
+    refund_of: str | None
+    refunded_units: int
+    actor_id: str | None
+    created_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        """The entry as the HTTP API shows it (SPEC §5)."""
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "seq": self.seq,
+            "type": self.type,
+            "amount_usdc": format_units(self.amount_units),
+            "balance_after_usdc": format_units(self.balance_after_units),
+            "reference": self.reference,
+            "description": self.description,
+            "metadata": self.metadata,
+            "hold_id": self.hold_id,
+            "refund_of": self.refund_of,
+            "refunded_usdc": format_units(self.refunded_units),
+            "actor_id": self.actor_id,
+            "created_at": iso(self.created_at),
+        }
+
+    @classmethod
+    def from_row(cls, row: Any) -> Entry:
+        return cls(
+            id=row.id,
+            user_id=row.user_id,
+            seq=int(row.seq),
+            type=row.type,
+            amount_units=int(row.amount_units),
+            balance_after_units=int(row.balance_after_units),
+            reference=row.reference,
+            description=row.description,
+            metadata=json.loads(row.metadata_json),
+            hold_id=row.hold_id,
+            refund_of=row.refund_of,
+            refunded_units=int(row.refunded_units),
+            actor_id=row.actor_id,
+            created_at=utc(row.created_at),
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Entry:
+        """Rebuild an entry from :meth:`as_json` (a replayed response)."""
+        return cls(
+            id=data["id"],
+            user_id=data["user_id"],
+            seq=data["seq"],
+            type=data["type"],
+            amount_units=parse_units(data["amount_usdc"]),
+            balance_after_units=parse_units(data["balance_after_usdc"]),
+            reference=data["reference"],
+            description=data["description"],
+            metadata=data["metadata"],
+            hold_id=data["hold_id"],
+            refund_of=data["refund_of"],
+            refunded_units=parse_units(data["refunded_usdc"]),
+            actor_id=data["actor_id"],
+            created_at=datetime.strptime(data["created_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                tzinfo=timezone.utc
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of history, newest first, and the cursor of the next one."""
+
+    entries: list[Entry]
+    next_cursor: str | None
+
+    @property
+    def has_more(self) -> bool:
+        return self.next_cursor is not None
+
+
+@dataclass
+class Mismatch:
+    """One inconsistency found by :meth:`Ledger.reconcile`."""
+
+    user_id: str
+    problem: str
+
+
+@dataclass
+class ReconcileReport:
+    """What :meth:`Ledger.reconcile` checked and found."""
+
+    accounts: int = 0
+    entries: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def encode_cursor(seq: int) -> str:
+    """An opaque, URL-safe cursor (``[A-Za-z0-9_-]``) for entries before ``seq``."""
+    return base64.urlsafe_b64encode(f"s:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The ``seq`` in a cursor; :class:`ValueError` if it is not one of ours."""
+    if not cursor or len(cursor) > 40 or not all(c.isalnum() or c in "-_" for c in cursor):
+        raise ValueError("malformed cursor")
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("malformed cursor") from None
+    prefix, _, number = text.partition(":")
+    if prefix != "s" or not number.isascii() or not number.isdigit():
+        raise ValueError("malformed cursor")
+    return int(number)
+
+
+def new_id(prefix: str) -> str:
+    """A random id such as ``ctx_3f9c…`` (24 hex digits)."""
+    return prefix + secrets.token_hex(12)
+
+
+# --- operations ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopUp:
+    user_id: str
+    amount_units: int
+    reference: str | None = None
+    description: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    actor_id: str | None = None
+    name: str = "top_up"
+
+
+@dataclass(frozen=True)
+class Charge:
+    user_id: str
+    amount_units: int
+    reference: str | None = None
+    description: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    actor_id: str | None = None
+    name: str = "charge"
+
+
+@dataclass(frozen=True)
+class Adjust:
+    user_id: str
+    amount_units: int
+    reason: str
+    actor_id: str | None = None
+    name: str = "adjust"
+
+
+@dataclass(frozen=True)
+class Refund:
+    transaction_id: str
+    amount_units: int | None = None
+    reason: str | None = None
+    actor_id: str | None = None
+    name: str = "refund"
+
+
+Operation = TopUp | Charge | Adjust | Refund
+
+
+def _params(op: Operation) -> dict[str, Any]:
+    return asdict(op)
+
+
+class _ReferenceTaken(Exception):
+    def __init__(self, user_id: str, type_: str, reference: str) -> None:
+        super().__init__(reference)
+        self.user_id, self.type, self.reference = user_id, type_, reference
+
+
+class _Storable(Exception):
+    """A storable error found mid-transaction: roll back, then record it."""
+
+    def __init__(
+        self, error: CreditsError, user_id: str | None, taken: _ReferenceTaken | None = None
+    ) -> None:
+        super().__init__(error.message)
+        self.error, self.user_id, self.taken = error, user_id, taken
+
+
+# --- the ledger ---------------------------------------------------------------
+
+
 class Ledger:
     """Balance operations on one engine, with one configuration and clock.
 
-    Each method runs in its own transaction (retried on transient failures),
-    or inside the host's transaction when given ``session=``.
+    Every balance change is one transaction on one user's account row: the
+    row is locked by a conditional relative update (never below zero, never
+    past the balance limit), the ledger row is written with the balance after
+    it and the user's next ``seq``, and the idempotency key is claimed, all
+    before commit. Transient failures are retried (the key makes that safe).
+    Pass ``session=`` to run inside the host's transaction instead (no
+    retries; signals fire when that session commits).
     """
 
     def __init__(
@@ -80,14 +338,15 @@ class Ledger:
         *,
         clock: Clock = utcnow,
         stats: RetryStats | None = None,
+        sender: Any = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.clock = clock
         self.stats = stats if stats is not None else RetryStats()
+        self.sender = sender if sender is not None else self
 
     def _now(self) -> datetime:
-        # Stored naive UTC; truncation to microseconds is what every engine keeps.
         return _naive(self.clock())
 
     def _run(
@@ -105,6 +364,8 @@ class Ledger:
             stats=self.stats,
             write=write,
         )
+
+    # --- reads -------------------------------------------------------------
 
     def find_by_user_id(self, user_id: str, *, session: Session | None = None) -> Balance | None:
         """The user's balance, or ``None`` when they have never had one."""
@@ -134,3 +395,491 @@ class Ledger:
             return _balance(row)
 
         return self._run(create, session)
+
+    def get_entry(self, transaction_id: str, *, session: Session | None = None) -> Entry | None:
+        """One ledger entry by id, or ``None``."""
+
+        def work(tx: Tx) -> Entry | None:
+            row = store.entry_row(tx.conn, transaction_id)
+            return None if row is None else Entry.from_row(row)
+
+        return self._run(work, session, write=False)
+
+    def history(
+        self,
+        user_id: str,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        session: Session | None = None,
+    ) -> Page:
+        """A page of the user's entries, newest first (keyset on ``seq``).
+
+        ``cursor`` is a previous page's ``next_cursor``; ``since`` is
+        inclusive and ``until`` exclusive. One statement whatever the depth.
+        """
+        before = decode_cursor(cursor) if cursor else None
+        t = store.entries
+        stmt = select(t).where(t.c.user_id == user_id)
+        if before is not None:
+            stmt = stmt.where(t.c.seq < before)
+        if type is not None:
+            stmt = stmt.where(t.c.type == type)
+        if since is not None:
+            stmt = stmt.where(t.c.created_at >= _naive(since))
+        if until is not None:
+            stmt = stmt.where(t.c.created_at < _naive(until))
+        stmt = stmt.order_by(t.c.seq.desc()).limit(limit + 1)
+
+        def work(tx: Tx) -> Page:
+            rows = tx.conn.execute(stmt).all()
+            page = [Entry.from_row(row) for row in rows[:limit]]
+            more = len(rows) > limit
+            return Page(page, encode_cursor(page[-1].seq) if more and page else None)
+
+        return self._run(work, session, write=False)
+
+    # --- Python API of the money-moving operations --------------------------------
+
+    def top_up(
+        self,
+        user_id: str,
+        amount_units: int,
+        *,
+        reference: str | None = None,
+        description: str | None = None,
+        metadata: dict[str, str] | None = None,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: Session | None = None,
+    ) -> Entry:
+        """Credit ``amount_units`` to the user (created if new)."""
+        op = TopUp(user_id, amount_units, reference, description, metadata or {}, actor_id)
+        return self._call(op, idempotency_key, actor_id, session)
+
+    def charge(
+        self,
+        user_id: str,
+        amount_units: int,
+        *,
+        reference: str | None = None,
+        description: str | None = None,
+        metadata: dict[str, str] | None = None,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: Session | None = None,
+    ) -> Entry:
+        """Debit ``amount_units``; :class:`InsufficientCredits` if not available."""
+        op = Charge(user_id, amount_units, reference, description, metadata or {}, actor_id)
+        return self._call(op, idempotency_key, actor_id, session)
+
+    def adjust(
+        self,
+        user_id: str,
+        amount_units: int,
+        reason: str,
+        *,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: Session | None = None,
+    ) -> Entry:
+        """A signed correction (chargebacks, fixes); never below zero."""
+        op = Adjust(user_id, amount_units, reason, actor_id)
+        return self._call(op, idempotency_key, actor_id, session)
+
+    def refund(
+        self,
+        transaction_id: str,
+        amount_units: int | None = None,
+        *,
+        reason: str | None = None,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: Session | None = None,
+    ) -> Entry:
+        """Give back (part of) a ``charge`` or ``hold_capture``; default: what is left."""
+        op = Refund(transaction_id, amount_units, reason, actor_id)
+        return self._call(op, idempotency_key, actor_id, session)
+
+    def update_balance(
+        self,
+        user_id: str,
+        balance_units: int,
+        reason: str = "balance set",
+        *,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: Session | None = None,
+    ) -> Entry | None:
+        """Set the balance to ``balance_units`` through a recorded ``adjustment``.
+
+        Never a blind overwrite: the difference from the locked current
+        balance is written as an adjustment entry. ``None`` if already equal.
+        """
+        if balance_units < 0:
+            raise ValidationError("A balance cannot be negative")
+        current = self.get_or_create_by_user_id(user_id, session=session)
+        delta = balance_units - current.balance_units
+        if delta == 0:
+            return None
+        # The adjustment is relative; if the balance moved since the read, the
+        # key (derived from the read) still applies the delta at most once.
+        key = idempotency_key or f"set:{user_id}:{balance_units}:{uuid.uuid4().hex}"
+        return self.adjust(
+            user_id, delta, reason, actor_id=actor_id, idempotency_key=key, session=session
+        )
+
+    def _call(
+        self,
+        op: Operation,
+        key: str | None,
+        actor_id: str | None,
+        session: Session | None,
+    ) -> Entry:
+        idem = Idempotency.for_call(op.name, _params(op), key=key, actor_id=actor_id)
+        outcome = self.execute(op, idem, session=session)
+        if outcome.status >= 400:
+            raise error_from_body(outcome.status, outcome.json())
+        if outcome.value is not None:
+            value: Entry = outcome.value
+            return value
+        return Entry.from_json(outcome.json())
+
+    # --- the idempotent core ------------------------------------------------------
+
+    def execute(
+        self, op: Operation, idem: Idempotency, *, session: Session | None = None
+    ) -> Outcome:
+        """Run ``op`` once per idempotency key and return its (stored) outcome.
+
+        The key is claimed by inserting its record, with the response, in the
+        operation's own transaction; a concurrent duplicate loses on the
+        primary key, rolls back, and replays the winner's response. Storable
+        failures (402, 409, 422 of SPEC §6) roll the change back and are then
+        recorded in a transaction of their own.
+        """
+        now = self._now()
+        expires = now + timedelta(seconds=self.config.idempotency_ttl_seconds)
+        deadline = time.monotonic() + self.config.idempotency_wait_seconds
+
+        def record(tx: Tx, user_id: str | None, status: int, body: bytes) -> None:
+            values = {
+                "key_hash": idem.key_hash,
+                "user_id": user_id,
+                "actor_id": idem.actor_id,
+                "method": idem.method,
+                "path": idem.path[:512],
+                "idempotency_key": idem.key,
+                "fingerprint": idem.fingerprint,
+                "status_code": status,
+                "response_body": body.decode(),
+                "created_at": now,
+                "expires_at": expires,
+            }
+            if session is not None:
+                store.insert_idempotency(tx.conn, values)
+                return
+            try:
+                store.insert_idempotency(tx.conn, values)
+            except IntegrityError:
+                if time.monotonic() > deadline:
+                    raise IdempotencyInProgress() from None
+                raise RetryTransaction() from None
+
+        def replay(tx: Tx) -> Outcome | None:
+            found = store.find_idempotency(tx.conn, idem.key_hash, now)
+            if found is None:
+                store.delete_expired_key(tx.conn, idem.key_hash, now)
+                return None
+            if found.fingerprint != idem.fingerprint:
+                raise IdempotencyConflict()
+            return Outcome(int(found.status_code), found.response_body.encode(), True)
+
+        def apply(tx: Tx) -> Outcome:
+            if tx.attempt > 0 or session is not None:
+                replayed = replay(tx)
+                if replayed is not None:
+                    return replayed
+            target = _Target(_target(op))
+            try:
+                status, value = self._apply(tx, op, now, target)
+            except _ReferenceTaken as taken:
+                raise _Storable(DuplicateReference(), taken.user_id, taken) from None
+            except CreditsError as error:
+                if error.storable:
+                    raise _Storable(error, target.user_id) from None
+                raise
+            body = dumps(value.as_json())
+            record(tx, target.user_id, status, body)
+            return Outcome(status, body, False, value)
+
+        try:
+            return self._run(apply, session)
+        except _Storable as stored:
+            if session is not None:
+                raise stored.error from None
+            return self._record_error(stored, idem, record, replay)
+
+    def _record_error(
+        self,
+        stored: _Storable,
+        idem: Idempotency,
+        record: Callable[[Tx, str | None, int, bytes], None],
+        replay: Callable[[Tx], Outcome | None],
+    ) -> Outcome:
+        def work(tx: Tx) -> Outcome:
+            error = stored.error
+            replayed = replay(tx)
+            if replayed is not None:
+                return replayed
+            if stored.taken is not None:
+                taken = stored.taken
+                existing = store.entry_by_reference(
+                    tx.conn, taken.user_id, taken.type, taken.reference
+                )
+                error = DuplicateReference(
+                    details=[
+                        {
+                            "field": "reference",
+                            "message": "This reference was already used",
+                            "code": "duplicate_reference",
+                            "transaction_id": existing,
+                        }
+                    ]
+                )
+            body = dumps(error.body(idem.request_id))
+            record(tx, stored.user_id, error.status, body)
+            return Outcome(error.status, body, False, error)
+
+        return self._run(work)
+
+    # --- applying one operation, inside its transaction -------------------------
+
+    def _apply(self, tx: Tx, op: Operation, now: datetime, target: _Target) -> tuple[int, Entry]:
+        if isinstance(op, TopUp):
+            entry = self._credit(
+                tx,
+                now,
+                op.user_id,
+                op.amount_units,
+                "topup",
+                op.reference,
+                op.description,
+                op.metadata,
+                op.actor_id,
+            )
+            tx.after_commit(partial(signals.credits_topped_up.send, self.sender, entry=entry))
+            return 201, entry
+        if isinstance(op, Charge):
+            entry = self._debit(
+                tx,
+                now,
+                op.user_id,
+                op.amount_units,
+                "charge",
+                op.reference,
+                op.description,
+                op.metadata,
+                op.actor_id,
+            )
+            tx.after_commit(partial(signals.credits_charged.send, self.sender, entry=entry))
+            return 201, entry
+        if isinstance(op, Adjust):
+            if op.amount_units > 0:
+                entry = self._credit(
+                    tx,
+                    now,
+                    op.user_id,
+                    op.amount_units,
+                    "adjustment",
+                    None,
+                    op.reason,
+                    {},
+                    op.actor_id,
+                )
+            else:
+                entry = self._debit(
+                    tx,
+                    now,
+                    op.user_id,
+                    -op.amount_units,
+                    "adjustment",
+                    None,
+                    op.reason,
+                    {},
+                    op.actor_id,
+                )
+            tx.after_commit(partial(signals.credits_adjusted.send, self.sender, entry=entry))
+            return 201, entry
+        return 201, self._refund(tx, now, op, target)
+
+    def _entry(self, tx: Tx, now: datetime, **fields: Any) -> Entry:
+        entry = Entry(
+            id=new_id("ctx_"),
+            created_at=utc(now),
+            refunded_units=0,
+            hold_id=fields.pop("hold_id", None),
+            refund_of=fields.pop("refund_of", None),
+            **fields,
+        )
+        return entry
+
+    def _insert(self, tx: Tx, entry: Entry, now: datetime, *, guard: bool) -> bool:
+        values = {
+            "id": entry.id,
+            "user_id": entry.user_id,
+            "seq": entry.seq,
+            "type": entry.type,
+            "amount_units": entry.amount_units,
+            "balance_after_units": entry.balance_after_units,
+            "reference": entry.reference,
+            "description": entry.description,
+            "metadata_json": dumps(entry.metadata).decode(),
+            "hold_id": entry.hold_id,
+            "refund_of": entry.refund_of,
+            "refunded_units": 0,
+            "actor_id": entry.actor_id,
+            "created_at": now,
+        }
+        try:
+            return store.insert_entry(tx.conn, values, require_available=now if guard else None)
+        except IntegrityError:
+            if entry.reference is None:
+                raise
+            raise _ReferenceTaken(entry.user_id, entry.type, entry.reference) from None
+
+    def _credit(
+        self,
+        tx: Tx,
+        now: datetime,
+        user_id: str,
+        units: int,
+        type_: str,
+        reference: str | None,
+        description: str | None,
+        metadata: dict[str, str],
+        actor_id: str | None,
+    ) -> Entry:
+        limit = self.config.max_balance_units
+        moved = store.credit(tx.conn, user_id, units, limit, now) if units <= limit else None
+        if moved is None:
+            raise BalanceLimitExceeded(f"The balance may not exceed {format_units(limit)} USDC")
+        balance_after, seq = moved
+        entry = self._entry(
+            tx,
+            now,
+            user_id=user_id,
+            seq=seq,
+            type=type_,
+            amount_units=units,
+            balance_after_units=balance_after,
+            reference=reference,
+            description=description,
+            metadata=metadata,
+            actor_id=actor_id,
+        )
+        self._insert(tx, entry, now, guard=False)
+        return entry
+
+    def _debit(
+        self,
+        tx: Tx,
+        now: datetime,
+        user_id: str,
+        units: int,
+        type_: str,
+        reference: str | None,
+        description: str | None,
+        metadata: dict[str, str],
+        actor_id: str | None,
+        hold_id: str | None = None,
+        guard: bool = True,
+    ) -> Entry:
+        moved = store.debit(tx.conn, user_id, units, now)
+        if moved is None:
+            raise InsufficientCredits()
+        balance_after, seq = moved
+        entry = self._entry(
+            tx,
+            now,
+            user_id=user_id,
+            seq=seq,
+            type=type_,
+            amount_units=-units,
+            balance_after_units=balance_after,
+            reference=reference,
+            description=description,
+            metadata=metadata,
+            actor_id=actor_id,
+            hold_id=hold_id,
+        )
+        if not self._insert(tx, entry, now, guard=guard):
+            # The balance covers the debit but not the holds pending on it.
+            raise InsufficientCredits()
+        self._balance_signals(tx, user_id, balance_after + units, balance_after)
+        return entry
+
+    def _balance_signals(self, tx: Tx, user_id: str, before: int, after: int) -> None:
+        low = self.config.low_balance_units
+        if low is not None and before >= low > after:
+            tx.after_commit(
+                partial(
+                    signals.balance_low.send, self.sender, user_id=user_id, balance_units=after
+                )
+            )
+        if after == 0 < before:
+            tx.after_commit(
+                partial(
+                    signals.balance_depleted.send,
+                    self.sender,
+                    user_id=user_id,
+                    balance_units=after,
+                )
+            )
+
+    def _refund(self, tx: Tx, now: datetime, op: Refund, target: _Target) -> Entry:
+        found = store.entry_row(tx.conn, op.transaction_id)
+        if found is None:
+            raise NotFound("No such transaction")
+        target.user_id = found.user_id
+        if found.type not in REFUNDABLE_TYPES:
+            raise ValidationError(
+                "Only charge and hold_capture entries can be refunded",
+                details=[
+                    {
+                        "field": "transaction_id",
+                        "message": f"This is a {found.type} entry",
+                        "code": "not_refundable",
+                    }
+                ],
+            )
+        # Lock order: the account first, as every balance change does.
+        store.lock_account(tx.conn, found.user_id)
+        locked = store.entry_row(tx.conn, op.transaction_id, lock=True)
+        assert locked is not None
+        remaining = -int(locked.amount_units) - int(locked.refunded_units)
+        units = remaining if op.amount_units is None else op.amount_units
+        if units <= 0 or units > remaining:
+            raise RefundExceedsCharge(
+                f"At most {format_units(remaining)} USDC of this charge can be refunded"
+            )
+        entry = self._credit(
+            tx, now, found.user_id, units, "refund", None, op.reason, {}, op.actor_id
+        )
+        entry = replace(entry, refund_of=op.transaction_id)
+        if not store.add_refunded(tx.conn, op.transaction_id, units):  # pragma: no cover
+            raise RefundExceedsCharge()
+        tx.after_commit(partial(signals.credits_refunded.send, self.sender, entry=entry))
+        return entry
+
+
+@dataclass
+class _Target:
+    user_id: str | None
+
+
+def _target(op: Operation) -> str | None:
+    return None if isinstance(op, Refund) else op.user_id

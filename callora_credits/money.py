@@ -15,6 +15,7 @@ __all__ = [
     "format_units",
     "parse_amount",
     "parse_limit",
+    "parse_units",
 ]
 
 DECIMALS = 7
@@ -87,3 +88,8 @@ def format_units(units: int) -> str:
     sign = "-" if units < 0 else ""
     whole, fraction = divmod(abs(units), UNITS_PER_USDC)
     return f"{sign}{whole}.{fraction:07d}"
+
+
+def parse_units(text: str) -> int:
+    """The exact inverse of :func:`format_units` (signed, no range check)."""
+    return _to_units(text, signed=True)

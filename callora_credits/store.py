@@ -9,23 +9,36 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Table, and_, func, select
+from sqlalchemy import Table, and_, delete, func, insert, literal, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from .models import Account, Hold
+from .models import Account, Hold, IdempotencyRecord, LedgerEntry
 
 __all__ = [
     "accounts",
     "balance_row",
+    "credit",
+    "debit",
+    "entries",
+    "find_idempotency",
     "held_units_expr",
     "holds",
+    "idempotency",
     "insert_account_if_missing",
+    "insert_entry",
+    "insert_idempotency",
+    "lock_account",
 ]
 
 accounts: Table = Account.__table__  # type: ignore[assignment]
 holds: Table = Hold.__table__  # type: ignore[assignment]
+entries: Table = LedgerEntry.__table__  # type: ignore[assignment]
+idempotency: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
+
+# Engines whose UPDATE has RETURNING (MariaDB has it only on INSERT/DELETE).
+_RETURNING = ("postgresql", "sqlite")
 
 
 def held_units_expr(user_id: Any, now: datetime) -> ColumnElement[int]:
@@ -47,7 +60,7 @@ def held_units_expr(user_id: Any, now: datetime) -> ColumnElement[int]:
     )
 
 
-def balance_row(conn: Connection, user_id: str, now: datetime) -> Row[Any] | None:
+def balance_row(conn: Connection, user_id: str, now: datetime) -> Any:
     """The account with its held units, in one statement; ``None`` if absent."""
     stmt = select(
         accounts.c.user_id,
@@ -80,3 +93,184 @@ def insert_account_if_missing(conn: Connection, user_id: str, now: datetime) -> 
         conn.execute(stmt.on_duplicate_key_update(user_id=stmt.inserted.user_id))
     else:  # pragma: no cover - engines outside SPEC §9
         raise RuntimeError(f"callora_credits does not support the {dialect} dialect")
+
+
+def _is_mysql(conn: Connection) -> bool:
+    return conn.dialect.name in ("mysql", "mariadb")
+
+
+def lock_account(conn: Connection, user_id: str) -> Any:
+    """Lock the account row (``SELECT … FOR UPDATE``) and return it.
+
+    SQLite ignores ``FOR UPDATE``; its units hold the write lock already.
+    """
+    stmt = (
+        select(accounts.c.balance_units, accounts.c.last_seq)
+        .where(accounts.c.user_id == user_id)
+        .with_for_update()
+    )
+    return conn.execute(stmt).first()
+
+
+def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[int, int] | None:
+    """Take ``units`` from the balance unless it would go below zero.
+
+    One conditional relative update that also advances ``last_seq`` and locks
+    the row. Returns ``(balance_after, seq)``, or ``None`` when the balance is
+    short or the account does not exist.
+    """
+    stmt = (
+        update(accounts)
+        .where(accounts.c.user_id == user_id, accounts.c.balance_units >= units)
+        .values(
+            balance_units=accounts.c.balance_units - units,
+            last_seq=accounts.c.last_seq + 1,
+            updated_at=now,
+        )
+    )
+    if not _is_mysql(conn):
+        row = conn.execute(stmt.returning(accounts.c.balance_units, accounts.c.last_seq)).first()
+        return None if row is None else (int(row[0]), int(row[1]))
+    if conn.execute(stmt).rowcount != 1:
+        return None
+    locked = lock_account(conn, user_id)
+    assert locked is not None
+    return int(locked.balance_units), int(locked.last_seq)
+
+
+def credit(
+    conn: Connection, user_id: str, units: int, max_balance: int, now: datetime
+) -> tuple[int, int] | None:
+    """Add ``units`` to the balance, creating the account if needed.
+
+    Returns ``(balance_after, seq)``, or ``None`` when the balance would pass
+    ``max_balance`` (the caller checks ``units <= max_balance`` first).
+    """
+    if not _is_mysql(conn):
+        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        ins = dialect_insert(accounts).values(
+            user_id=user_id, balance_units=units, last_seq=1, created_at=now, updated_at=now
+        )
+        upsert = ins.on_conflict_do_update(
+            index_elements=[accounts.c.user_id],
+            set_={
+                "balance_units": accounts.c.balance_units + ins.excluded.balance_units,
+                "last_seq": accounts.c.last_seq + 1,
+                "updated_at": ins.excluded.updated_at,
+            },
+            where=accounts.c.balance_units + ins.excluded.balance_units <= max_balance,
+        ).returning(accounts.c.balance_units, accounts.c.last_seq)
+        row = conn.execute(upsert).first()
+        return None if row is None else (int(row.balance_units), int(row.last_seq))
+    # MariaDB: a conditional update (which locks the row), then a locking read
+    # that tells an absent account from one at its limit.
+    applied = conn.execute(
+        update(accounts)
+        .where(
+            accounts.c.user_id == user_id,
+            accounts.c.balance_units + units <= max_balance,
+        )
+        .values(
+            balance_units=accounts.c.balance_units + units,
+            last_seq=accounts.c.last_seq + 1,
+            updated_at=now,
+        )
+    ).rowcount
+    locked = lock_account(conn, user_id)
+    if locked is None:
+        # A concurrent first credit makes this raise a duplicate-key error;
+        # the unit of work runs again and takes the update path.
+        conn.execute(
+            insert(accounts).values(
+                user_id=user_id, balance_units=units, last_seq=1, created_at=now, updated_at=now
+            )
+        )
+        return units, 1
+    # SQLAlchemy's MySQL dialects count matched rows (CLIENT.FOUND_ROWS), so
+    # rowcount says whether the limit condition held.
+    return (int(locked.balance_units), int(locked.last_seq)) if applied == 1 else None
+
+
+def insert_entry(
+    conn: Connection, values: dict[str, Any], *, require_available: datetime | None = None
+) -> bool:
+    """Insert a ledger row; ``False`` when the guard refused it.
+
+    With ``require_available=now``, the row is inserted only if its
+    ``balance_after_units`` still covers the user's live holds at ``now``: the
+    available-balance check of a debit, made in a new statement after the
+    debit locked the account, so it sees every hold committed before the lock.
+    """
+    if require_available is None:
+        conn.execute(insert(entries).values(values))
+        return True
+    columns = list(values)
+    selected = select(
+        *[literal(values[name], type_=entries.c[name].type) for name in columns]
+    ).where(
+        literal(values["balance_after_units"], type_=entries.c.balance_after_units.type)
+        >= held_units_expr(values["user_id"], require_available)
+    )
+    # rowcount of an INSERT is only kept on request.
+    result = conn.execute(
+        insert(entries).from_select(columns, selected).execution_options(preserve_rowcount=True)
+    )
+    return bool(result.rowcount == 1)
+
+
+def entry_by_reference(conn: Connection, user_id: str, type_: str, reference: str) -> str | None:
+    """The id of the user's entry of ``type_`` with ``reference``, if any."""
+    stmt = select(entries.c.id).where(
+        entries.c.user_id == user_id, entries.c.type == type_, entries.c.reference == reference
+    )
+    found: str | None = conn.execute(stmt).scalar()
+    return found
+
+
+def entry_row(conn: Connection, entry_id: str, *, lock: bool = False) -> Any:
+    stmt = select(entries).where(entries.c.id == entry_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return conn.execute(stmt).first()
+
+
+def add_refunded(conn: Connection, entry_id: str, units: int) -> bool:
+    """Record ``units`` refunded on a debit entry, never past its amount."""
+    stmt = (
+        update(entries)
+        .where(
+            entries.c.id == entry_id,
+            entries.c.refunded_units + units <= -entries.c.amount_units,
+        )
+        .values(refunded_units=entries.c.refunded_units + units)
+    )
+    return bool(conn.execute(stmt).rowcount == 1)
+
+
+def find_idempotency(conn: Connection, key_hash: str, now: datetime) -> Any:
+    """The unexpired record of a claimed key, if any."""
+    stmt = select(
+        idempotency.c.fingerprint,
+        idempotency.c.status_code,
+        idempotency.c.response_body,
+    ).where(idempotency.c.key_hash == key_hash, idempotency.c.expires_at > now)
+    return conn.execute(stmt).first()
+
+
+def insert_idempotency(conn: Connection, values: dict[str, Any]) -> None:
+    """Claim a key with its response; a duplicate raises ``IntegrityError``."""
+    conn.execute(insert(idempotency).values(values))
+
+
+def delete_expired_idempotency(conn: Connection, now: datetime) -> int:
+    """Delete records whose key expired; returns how many."""
+    return int(conn.execute(delete(idempotency).where(idempotency.c.expires_at <= now)).rowcount)
+
+
+def delete_expired_key(conn: Connection, key_hash: str, now: datetime) -> None:
+    """Free a key whose record expired, so it can be claimed again."""
+    conn.execute(
+        delete(idempotency).where(
+            idempotency.c.key_hash == key_hash, idempotency.c.expires_at <= now
+        )
+    )

@@ -50,14 +50,14 @@ class Tx:
 
     conn: Connection
     attempt: int
-    _after_commit: list[Callable[[], None]] = field(default_factory=list)
+    _after_commit: list[Callable[[], object]] = field(default_factory=list)
 
     @property
     def dialect(self) -> str:
         """The engine's dialect name: ``sqlite``, ``postgresql`` or ``mysql``."""
         return self.conn.dialect.name
 
-    def after_commit(self, callback: Callable[[], None]) -> None:
+    def after_commit(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` once the transaction has committed; never on rollback."""
         self._after_commit.append(callback)
 
@@ -123,7 +123,7 @@ def _begin(engine: Engine, write: bool) -> Iterator[Connection]:
                 yield conn
 
 
-def _fire(callbacks: list[Callable[[], None]]) -> None:
+def _fire(callbacks: list[Callable[[], object]]) -> None:
     for callback in callbacks:
         try:
             callback()
