@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, request
 from flask.blueprints import BlueprintSetupState
 from pydantic import BaseModel
 from werkzeug.exceptions import HTTPException
@@ -138,10 +138,13 @@ def _setup(setup_state: BlueprintSetupState) -> None:
 
 def request_id() -> str:
     """This request's id: the sanitized ``X-Request-Id`` or a new one."""
-    rid: str | None = g.get("credits_request_id")
+    # Kept in the WSGI environ, which is per request even when a test or a
+    # host shares one app context (and so one ``g``) across requests.
+    environ = request.environ
+    rid: str | None = environ.get("callora_credits.request_id")
     if rid is None:
         rid = sanitize_request_id(request.headers.get("X-Request-Id")) or new_request_id()
-        g.credits_request_id = rid
+        environ["callora_credits.request_id"] = rid
     return rid
 
 
@@ -156,14 +159,14 @@ def error_response(error: CreditsError) -> Response:
 
 @credits_bp.before_request
 def _start() -> None:
-    g.credits_started = time.perf_counter()
+    request.environ["callora_credits.started"] = time.perf_counter()
     request_id()
 
 
 @credits_bp.after_request
 def _finish(response: Response) -> Response:
     response.headers["X-Request-Id"] = request_id()
-    started = g.get("credits_started")
+    started = request.environ.get("callora_credits.started")
     elapsed_ms = (time.perf_counter() - started) * 1000 if started else 0.0
     log.info(
         "%s %s %s %.1fms",
@@ -177,7 +180,7 @@ def _finish(response: Response) -> Response:
             "path": request.path,
             "status": response.status_code,
             "duration_ms": round(elapsed_ms, 1),
-            "user_id": g.get("credits_user_id"),
+            "user_id": request.environ.get("callora_credits.user_id"),
         },
     )
     return response

@@ -9,22 +9,30 @@ beside their models, and a test checks each against its model.
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic import ValidationError as PydanticValidationError
 
 from .errors import Detail, ValidationError
-from .ledger import Balance
+from .ledger import Balance, Page, iso
 from .money import format_units
 
 __all__ = [
+    "AdjustmentIn",
     "BalanceOut",
     "BalanceQuery",
+    "ChargeIn",
+    "EntryOut",
+    "EntryPageOut",
     "ErrorDetail",
     "ErrorOut",
+    "RefundIn",
+    "TopUpIn",
+    "TransactionsQuery",
     "balance_json",
-    "iso",
+    "page_json",
     "parse_model",
 ]
 
@@ -36,11 +44,6 @@ class Strict(BaseModel):
     """Base of request models: unknown keys are errors, nothing is coerced."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-def iso(value: Any) -> str:
-    """ISO 8601 UTC with microseconds and a ``Z``."""
-    return str(value.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
 
 
 def _details(exc: PydanticValidationError) -> list[Detail]:
@@ -69,6 +72,9 @@ class ErrorDetail(BaseModel):
     field: str | None = None
     message: str
     code: str | None = None
+    transaction_id: str | None = Field(
+        default=None, description="DUPLICATE_REFERENCE: the entry that has the reference."
+    )
 
 
 class ErrorOut(BaseModel):
@@ -109,4 +115,140 @@ def balance_json(balance: Balance) -> dict[str, Any]:
         "available_usdc": format_units(balance.available_units),
         "created_at": iso(balance.created_at),
         "updated_at": iso(balance.updated_at),
+    }
+
+
+# --- shared field types -------------------------------------------------------
+
+
+def _printable(value: str) -> str:
+    if not value.isprintable() or value.isspace():
+        raise ValueError("must be printable characters, not all blank")
+    return value
+
+
+def _flat_metadata(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if not 1 <= len(key) <= 40:
+            raise ValueError("metadata keys must be 1-40 characters")
+    return value
+
+
+UserId = Annotated[
+    str, Field(min_length=1, max_length=128, examples=["user_123"]), AfterValidator(_printable)
+]
+Reference = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=255,
+        description="Unique per user and entry type: an external payment id.",
+    ),
+    AfterValidator(_printable),
+]
+Text = Annotated[str, Field(max_length=500)]
+Metadata = Annotated[
+    dict[str, Annotated[str, Field(max_length=500)]],
+    Field(max_length=50, description="Flat string to string, at most 50 keys."),
+    AfterValidator(_flat_metadata),
+]
+# Amounts are validated by money.parse_amount in the view (one parser, with a
+# message that says what to send); the schema documents their form.
+AmountIn = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": USDC_PATTERN,
+            "examples": ["10.0000000"],
+            "description": "USDC as a string with at most 7 decimals, greater than zero.",
+        }
+    ),
+]
+SignedAmountIn = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^-?[0-9]+(\.[0-9]{1,7})?$",
+            "examples": ["-5.0000000"],
+            "description": "Signed USDC, at most 7 decimals; negative takes credits away.",
+        }
+    ),
+]
+EntryType = Literal["topup", "charge", "refund", "hold_capture", "adjustment"]
+
+
+# --- ledger requests ------------------------------------------------------------
+
+
+class TopUpIn(Strict):
+    user_id: UserId
+    amount_usdc: AmountIn
+    reference: Reference | None = None
+    description: Text | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class ChargeIn(TopUpIn):
+    pass
+
+
+class AdjustmentIn(Strict):
+    user_id: UserId
+    amount_usdc: SignedAmountIn
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+
+
+class RefundIn(Strict):
+    amount_usdc: AmountIn | None = Field(
+        default=None, description="Default: what is left of the charge."
+    )
+    reason: Text | None = None
+
+
+class TransactionsQuery(BaseModel):
+    """Query of the history (strings from the URL, converted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId | None = Field(default=None, description="Requires the admin scope.")
+    limit: int = Field(default=20, ge=1, description="1 to CREDITS_PAGE_SIZE_MAX (100).")
+    cursor: str | None = Field(default=None, max_length=64, description="next_cursor of a page.")
+    type: EntryType | None = None
+    since: datetime | None = Field(default=None, description="Inclusive, ISO 8601.")
+    until: datetime | None = Field(default=None, description="Exclusive, ISO 8601.")
+
+
+# --- ledger responses -----------------------------------------------------------
+
+
+class EntryOut(BaseModel):
+    id: str = Field(examples=["ctx_3f9c2a7e5b1d4c6a8e0f1b2c"])
+    user_id: str
+    seq: int = Field(description="The user's own gapless sequence: 1, 2, 3...")
+    type: EntryType
+    amount_usdc: str = Field(pattern=USDC_OUT_PATTERN, examples=["-1.2500000"])
+    balance_after_usdc: str = Field(pattern=USDC_OUT_PATTERN)
+    reference: str | None
+    description: str | None
+    metadata: dict[str, str]
+    hold_id: str | None
+    refund_of: str | None
+    refunded_usdc: str = Field(pattern=USDC_OUT_PATTERN)
+    actor_id: str | None
+    created_at: str
+
+
+class EntryPageOut(BaseModel):
+    data: list[EntryOut]
+    next_cursor: str | None
+    has_more: bool
+
+
+def page_json(page: Page) -> dict[str, Any]:
+    return {
+        "data": [entry.as_json() for entry in page.entries],
+        "next_cursor": page.next_cursor,
+        "has_more": page.has_more,
     }

@@ -2,26 +2,53 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from flask import Response, g, request
+from flask import Response, request
 from pydantic import BaseModel
 
 from .auth import Caller, authenticate
-from .blueprint import json_response, operation, register_routing_fallbacks
+from .blueprint import json_response, operation, register_routing_fallbacks, request_id
 from .config import CreditsConfig, config
-from .errors import ValidationError
+from .errors import (
+    IdempotencyKeyRequired,
+    NotFound,
+    PayloadTooLarge,
+    ValidationError,
+)
 from .extension import current_ledger
-from .schemas import BalanceOut, BalanceQuery, balance_json, parse_model
+from .idempotency import Idempotency, canonical_fingerprint, valid_key
+from .ledger import Adjust, Charge, Operation, Refund, TopUp
+from .money import AmountError, parse_amount
+from .schemas import (
+    AdjustmentIn,
+    BalanceOut,
+    BalanceQuery,
+    ChargeIn,
+    EntryOut,
+    EntryPageOut,
+    RefundIn,
+    TopUpIn,
+    TransactionsQuery,
+    balance_json,
+    page_json,
+    parse_model,
+)
 
 __all__: list[str] = []
 
 AUTH_ERRORS = (400, 401, 403)
+WRITE_ERRORS = (400, 401, 403, 409, 413, 422)
+
+
+class _NoQuery(BaseModel):
+    model_config = {"extra": "forbid"}
 
 
 def _caller(cfg: CreditsConfig) -> Caller:
     caller = authenticate(request.headers, cfg)
-    g.credits_user_id = caller.user_id
+    request.environ["callora_credits.user_id"] = caller.user_id
     return caller
 
 
@@ -37,6 +64,85 @@ def _query(model: type[BaseModel]) -> Any:
             ]
         )
     return parse_model(model, args.to_dict())
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _body(model: type[BaseModel], cfg: CreditsConfig) -> tuple[Any, dict[str, Any]]:
+    """Read at most CREDITS_MAX_BODY_BYTES, parse strict JSON, validate.
+
+    Returns the model and the parsed object (whose canonical form is the
+    idempotency fingerprint). An empty body is an empty object.
+    """
+    limit = cfg.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The body may be at most {limit} bytes")
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"The body may be at most {limit} bytes")
+    if not raw.strip():
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise ValidationError(
+                "Request body must be a JSON object",
+                details=[{"field": "body", "message": "Send a JSON object", "code": "json"}],
+            ) from None
+    if not isinstance(data, dict):
+        raise ValidationError(
+            "Request body must be a JSON object",
+            details=[{"field": "body", "message": "Send a JSON object", "code": "json"}],
+        )
+    return parse_model(model, data), data
+
+
+def _amount(
+    value: Any, cfg: CreditsConfig, *, field: str = "amount_usdc", signed: bool = False
+) -> int:
+    try:
+        return parse_amount(value, max_units=cfg.max_amount_units, signed=signed)
+    except AmountError as exc:
+        raise ValidationError(
+            details=[{"field": field, "message": str(exc), "code": exc.reason}]
+        ) from None
+
+
+def _idempotency_key() -> str:
+    key = request.headers.get("Idempotency-Key")
+    if key is None or key == "":
+        raise IdempotencyKeyRequired()
+    if not valid_key(key):
+        raise ValidationError(
+            details=[
+                {
+                    "field": "Idempotency-Key",
+                    "message": "Use 1-255 printable ASCII characters",
+                    "code": "idempotency_key",
+                }
+            ]
+        )
+    return key
+
+
+def _write(caller: Caller, key: str, data: dict[str, Any], operation: Operation) -> Response:
+    """Run a money-moving operation once per key; replay stored outcomes."""
+    idem = Idempotency(
+        actor_id=caller.user_id,
+        method=request.method,
+        path=request.path,
+        key=key,
+        fingerprint=canonical_fingerprint(data),
+        request_id=request_id(),
+    )
+    outcome = current_ledger().execute(operation, idem)
+    response = Response(outcome.body, status=outcome.status, mimetype="application/json")
+    if outcome.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 @operation(
@@ -59,6 +165,181 @@ def get_balance() -> Response:
     user_id = caller.target_user(query.user_id, cfg)
     balance = current_ledger().get_or_create_by_user_id(user_id)
     return json_response(balance_json(balance))
+
+
+@operation(
+    "/credits/topup",
+    "POST",
+    summary="Top up a balance",
+    scope="admin",
+    success=201,
+    response=EntryOut,
+    body=TopUpIn,
+    errors=WRITE_ERRORS,
+)
+def top_up() -> Response:
+    """Credit a user's balance (a payment received). Needs the admin scope.
+
+    ``reference`` (an external payment id) credits at most once per user,
+    even under different idempotency keys.
+    """
+    cfg = config()
+    caller = _caller(cfg)
+    caller.require_admin(cfg)
+    key = _idempotency_key()
+    body, data = _body(TopUpIn, cfg)
+    op = TopUp(
+        user_id=body.user_id,
+        amount_units=_amount(body.amount_usdc, cfg),
+        reference=body.reference,
+        description=body.description,
+        metadata=body.metadata,
+        actor_id=caller.user_id,
+    )
+    return _write(caller, key, data, op)
+
+
+@operation(
+    "/credits/adjustments",
+    "POST",
+    summary="Adjust a balance",
+    scope="admin",
+    success=201,
+    response=EntryOut,
+    body=AdjustmentIn,
+    errors=(*WRITE_ERRORS, 402),
+)
+def adjust() -> Response:
+    """A signed correction (chargeback, fix); never takes the balance below zero."""
+    cfg = config()
+    caller = _caller(cfg)
+    caller.require_admin(cfg)
+    key = _idempotency_key()
+    body, data = _body(AdjustmentIn, cfg)
+    op = Adjust(
+        user_id=body.user_id,
+        amount_units=_amount(body.amount_usdc, cfg, signed=True),
+        reason=body.reason,
+        actor_id=caller.user_id,
+    )
+    return _write(caller, key, data, op)
+
+
+@operation(
+    "/credits/charge",
+    "POST",
+    summary="Charge a balance",
+    scope="service",
+    success=201,
+    response=EntryOut,
+    body=ChargeIn,
+    errors=(*WRITE_ERRORS, 402),
+)
+def charge() -> Response:
+    """Debit a user's available balance; 402 when it does not cover the amount."""
+    cfg = config()
+    caller = _caller(cfg)
+    caller.require_service(cfg)
+    key = _idempotency_key()
+    body, data = _body(ChargeIn, cfg)
+    op = Charge(
+        user_id=body.user_id,
+        amount_units=_amount(body.amount_usdc, cfg),
+        reference=body.reference,
+        description=body.description,
+        metadata=body.metadata,
+        actor_id=caller.user_id,
+    )
+    return _write(caller, key, data, op)
+
+
+@operation(
+    "/credits/transactions/<transaction_id>/refund",
+    "POST",
+    summary="Refund a charge",
+    scope="admin",
+    success=201,
+    response=EntryOut,
+    body=RefundIn,
+    errors=(*WRITE_ERRORS, 404),
+)
+def refund(transaction_id: str) -> Response:
+    """Give back all or part of a ``charge`` or ``hold_capture`` entry."""
+    cfg = config()
+    caller = _caller(cfg)
+    caller.require_admin(cfg)
+    key = _idempotency_key()
+    body, data = _body(RefundIn, cfg)
+    amount = None if body.amount_usdc is None else _amount(body.amount_usdc, cfg)
+    op = Refund(
+        transaction_id=transaction_id,
+        amount_units=amount,
+        reason=body.reason,
+        actor_id=caller.user_id,
+    )
+    return _write(caller, key, data, op)
+
+
+@operation(
+    "/credits/transactions",
+    "GET",
+    summary="List ledger entries",
+    scope="self (admin: ?user_id=)",
+    response=EntryPageOut,
+    query=TransactionsQuery,
+    errors=AUTH_ERRORS,
+)
+def list_transactions() -> Response:
+    """The caller's history, newest first, cursor-paginated."""
+    cfg = config()
+    caller = _caller(cfg)
+    query: TransactionsQuery = _query(TransactionsQuery)
+    user_id = caller.target_user(query.user_id, cfg)
+    if query.limit > cfg.page_size_max:
+        raise ValidationError(
+            details=[
+                {
+                    "field": "limit",
+                    "message": f"limit must be 1 to {cfg.page_size_max}",
+                    "code": "less_than_equal",
+                }
+            ]
+        )
+    try:
+        page = current_ledger().history(
+            user_id,
+            limit=query.limit,
+            cursor=query.cursor,
+            type=query.type,
+            since=query.since,
+            until=query.until,
+        )
+    except ValueError:
+        raise ValidationError(
+            details=[
+                {"field": "cursor", "message": "Use next_cursor from a page", "code": "cursor"}
+            ]
+        ) from None
+    return json_response(page_json(page))
+
+
+@operation(
+    "/credits/transactions/<transaction_id>",
+    "GET",
+    summary="Read one ledger entry",
+    scope="owner or admin",
+    response=EntryOut,
+    errors=(*AUTH_ERRORS, 404),
+)
+def get_transaction(transaction_id: str) -> Response:
+    """One entry; another user's entry is a 404, so ids cannot be probed."""
+    cfg = config()
+    caller = _caller(cfg)
+    _query(_NoQuery)
+    entry = current_ledger().get_entry(transaction_id)
+    if entry is None or (entry.user_id != caller.user_id and not caller.is_admin(cfg)):
+        raise NotFound("No such transaction")
+    return json_response(entry.as_json())
 
 
 @operation(
