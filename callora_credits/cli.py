@@ -10,8 +10,9 @@ from sqlalchemy.engine import Engine
 
 from . import migrate
 from .blueprint import credits_bp
+from .errors import CreditsError
 from .extension import current_ledger
-from .money import format_units
+from .money import AmountError, format_units, parse_amount
 
 __all__: list[str] = []
 
@@ -64,6 +65,64 @@ def balance(user_id: str) -> None:
         f"held {format_units(found.held_units)} "
         f"available {format_units(found.available_units)}"
     )
+
+
+@cli.command("topup")
+@click.argument("user_id")
+@click.argument("amount")
+@click.option("--reference", default=None, help="External payment id; credits at most once.")
+@click.option("--description", default=None)
+def topup(user_id: str, amount: str, reference: str | None, description: str | None) -> None:
+    """Credit AMOUNT USDC (e.g. 10.5) to USER_ID."""
+    ledger = current_ledger()
+    try:
+        units = parse_amount(amount, max_units=ledger.config.max_amount_units)
+        entry = ledger.top_up(
+            user_id, units, reference=reference, description=description, actor_id="cli"
+        )
+    except (AmountError, CreditsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"{entry.id} seq {entry.seq}: +{format_units(entry.amount_units)} -> "
+        f"{format_units(entry.balance_after_units)}"
+    )
+
+
+@cli.command("history")
+@click.argument("user_id")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+def history(user_id: str, limit: int) -> None:
+    """Print USER_ID's newest ledger entries."""
+    page = current_ledger().history(user_id, limit=limit)
+    for entry in page.entries:
+        click.echo(
+            f"{entry.seq:>6} {entry.created_at:%Y-%m-%d %H:%M:%S} {entry.type:<12} "
+            f"{format_units(entry.amount_units):>22} {format_units(entry.balance_after_units):>22}"
+            f" {entry.id} {entry.reference or ''}"
+        )
+    if page.has_more:
+        click.echo("… (more: raise --limit)")
+
+
+@cli.command("reconcile")
+def reconcile() -> None:
+    """Check every balance against its ledger; exit 1 on any mismatch."""
+    report = current_ledger().reconcile()
+    for mismatch in report.mismatches:
+        click.echo(f"MISMATCH {mismatch.user_id}: {mismatch.problem}", err=True)
+    click.echo(
+        f"checked {report.accounts} accounts, {report.entries} entries: "
+        f"{'ok' if report.ok else f'{len(report.mismatches)} mismatches'}"
+    )
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@cli.command("prune")
+def prune() -> None:
+    """Delete idempotency keys past CREDITS_IDEMPOTENCY_TTL_SECONDS."""
+    count = current_ledger().prune_idempotency_keys()
+    click.echo(f"deleted {count} expired idempotency keys")
 
 
 @cli.command("openapi")

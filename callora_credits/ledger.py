@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -49,6 +49,7 @@ __all__ = [
     "Clock",
     "Entry",
     "Ledger",
+    "Mismatch",
     "Page",
     "ReconcileReport",
     "Refund",
@@ -441,6 +442,80 @@ class Ledger:
             return Page(page, encode_cursor(page[-1].seq) if more and page else None)
 
         return self._run(work, session, write=False)
+
+    def reconcile(self) -> ReconcileReport:
+        """Check every account against its ledger.
+
+        Each balance must equal the sum of its entries, each ``seq`` chain
+        must run 1, 2, 3… to the account's ``last_seq``, and each entry's
+        ``balance_after`` must be the previous one plus its amount.
+        """
+        report = ReconcileReport()
+        a, t = store.accounts, store.entries
+        totals = (
+            select(
+                a.c.user_id,
+                a.c.balance_units,
+                a.c.last_seq,
+                func.coalesce(func.sum(t.c.amount_units), 0).label("total"),
+                func.count(t.c.id).label("entries"),
+            )
+            .select_from(a.outerjoin(t, t.c.user_id == a.c.user_id))
+            .group_by(a.c.user_id, a.c.balance_units, a.c.last_seq)
+        )
+        chain = select(t.c.user_id, t.c.seq, t.c.amount_units, t.c.balance_after_units).order_by(
+            t.c.user_id, t.c.seq
+        )
+        with self.engine.connect() as conn:
+            known: set[str] = set()
+            for row in conn.execute(totals):
+                report.accounts += 1
+                known.add(row.user_id)
+                if int(row.total) != int(row.balance_units):
+                    report.mismatches.append(
+                        Mismatch(
+                            row.user_id,
+                            f"balance {format_units(int(row.balance_units))} != ledger sum "
+                            f"{format_units(int(row.total))}",
+                        )
+                    )
+                if int(row.entries) != int(row.last_seq):
+                    report.mismatches.append(
+                        Mismatch(
+                            row.user_id,
+                            f"{row.entries} entries but last_seq is {row.last_seq}",
+                        )
+                    )
+            user, expected_seq, running = "", 0, 0
+            for row in conn.execution_options(yield_per=2000).execute(chain):
+                report.entries += 1
+                if row.user_id != user:
+                    user, expected_seq, running = row.user_id, 0, 0
+                    if user not in known:
+                        report.mismatches.append(Mismatch(user, "entries without an account"))
+                expected_seq += 1
+                running += int(row.amount_units)
+                if int(row.seq) != expected_seq:
+                    report.mismatches.append(
+                        Mismatch(user, f"seq {row.seq} where {expected_seq} was expected")
+                    )
+                    expected_seq = int(row.seq)
+                if int(row.balance_after_units) != running or running < 0:
+                    report.mismatches.append(
+                        Mismatch(
+                            user,
+                            f"seq {row.seq}: balance_after "
+                            f"{format_units(int(row.balance_after_units))} != "
+                            f"{format_units(running)}",
+                        )
+                    )
+                    running = int(row.balance_after_units)
+        return report
+
+    def prune_idempotency_keys(self) -> int:
+        """Delete idempotency records past their TTL; returns how many."""
+        now = self._now()
+        return self._run(lambda tx: store.delete_expired_idempotency(tx.conn, now))
 
     # --- Python API of the money-moving operations --------------------------------
 

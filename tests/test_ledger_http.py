@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
+from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE
 
 from callora_credits.models import Account, LedgerEntry
-from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE
 
 BASE = "/api/billing/credits"
 
