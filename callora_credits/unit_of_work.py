@@ -131,6 +131,32 @@ def _fire(callbacks: list[Callable[[], object]]) -> None:
             log.exception("credits: a post-commit callback failed")
 
 
+_PENDING = "callora_credits.after_commit"
+
+
+def _defer_to_session(session: Session, callbacks: list[Callable[[], object]]) -> None:
+    """Fire ``callbacks`` when the session commits; drop them on rollback.
+
+    The callbacks wait in ``session.info``; one pair of listeners per session
+    fires or clears them.
+    """
+    pending: list[Callable[[], object]] | None = session.info.get(_PENDING)
+    if pending is None:
+        pending = session.info[_PENDING] = []
+
+        def on_commit(committed: Session) -> None:
+            ready = list(committed.info[_PENDING])
+            committed.info[_PENDING].clear()
+            _fire(ready)
+
+        def on_rollback(rolled_back: Session) -> None:
+            rolled_back.info[_PENDING].clear()
+
+        event.listen(session, "after_commit", on_commit)
+        event.listen(session, "after_rollback", on_rollback)
+    pending.extend(callbacks)
+
+
 def run(
     work: Callable[[Tx], T],
     *,
@@ -152,8 +178,7 @@ def run(
         tx = Tx(session.connection(), attempt=0)
         result = work(tx)
         if tx._after_commit:
-            callbacks = list(tx._after_commit)
-            event.listen(session, "after_commit", lambda _s: _fire(callbacks), once=True)
+            _defer_to_session(session, list(tx._after_commit))
         return result
 
     attempt = 0
