@@ -29,6 +29,8 @@ from .errors import (
     BalanceLimitExceeded,
     CreditsError,
     DuplicateReference,
+    HoldAmountExceeded,
+    HoldNotPending,
     IdempotencyConflict,
     IdempotencyInProgress,
     InsufficientCredits,
@@ -45,14 +47,19 @@ from .unit_of_work import RetryStats, RetryTransaction, Tx, run
 __all__ = [
     "Adjust",
     "Balance",
+    "Capture",
     "Charge",
     "Clock",
+    "CreateHold",
     "Entry",
+    "Hold",
+    "HoldPage",
     "Ledger",
     "Mismatch",
     "Page",
     "ReconcileReport",
     "Refund",
+    "Release",
     "TopUp",
     "utc",
     "utcnow",
@@ -188,9 +195,7 @@ class Entry:
             refund_of=data["refund_of"],
             refunded_units=parse_units(data["refunded_usdc"]),
             actor_id=data["actor_id"],
-            created_at=datetime.strptime(data["created_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-                tzinfo=timezone.utc
-            ),
+            created_at=_parse_iso(data["created_at"]),
         )
 
 
@@ -294,7 +299,142 @@ class Refund:
     name: str = "refund"
 
 
-Operation = TopUp | Charge | Adjust | Refund
+@dataclass(frozen=True)
+class CreateHold:
+    user_id: str
+    amount_units: int
+    expires_in_seconds: int
+    reference: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    actor_id: str | None = None
+    name: str = "hold"
+
+
+@dataclass(frozen=True)
+class Capture:
+    hold_id: str
+    amount_units: int | None = None
+    actor_id: str | None = None
+    name: str = "capture"
+
+
+@dataclass(frozen=True)
+class Release:
+    hold_id: str
+    actor_id: str | None = None
+    name: str = "release"
+
+
+Operation = TopUp | Charge | Adjust | Refund | CreateHold | Capture | Release
+
+HOLD_STATUSES = ("pending", "captured", "released", "expired")
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A two-phase reservation. ``status`` is as of when it was read: a
+    pending hold past ``expires_at`` reads as ``expired``."""
+
+    id: str
+    user_id: str
+    status: str
+    amount_units: int
+    captured_units: int
+    expires_at: datetime
+    created_at: datetime
+    resolved_at: datetime | None
+    transaction_id: str | None
+    reference: str | None
+    metadata: dict[str, str]
+
+    def as_json(self) -> dict[str, Any]:
+        """The hold as the HTTP API shows it (SPEC §5)."""
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "status": self.status,
+            "amount_usdc": format_units(self.amount_units),
+            "captured_usdc": format_units(self.captured_units),
+            "expires_at": iso(self.expires_at),
+            "created_at": iso(self.created_at),
+            "resolved_at": None if self.resolved_at is None else iso(self.resolved_at),
+            "transaction_id": self.transaction_id,
+            "reference": self.reference,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_row(cls, row: Any, now: datetime) -> Hold:
+        status = row.status
+        if status == "pending" and row.expires_at <= now:
+            status = "expired"
+        return cls(
+            id=row.id,
+            user_id=row.user_id,
+            status=status,
+            amount_units=int(row.amount_units),
+            captured_units=int(row.captured_units),
+            expires_at=utc(row.expires_at),
+            created_at=utc(row.created_at),
+            resolved_at=None if row.resolved_at is None else utc(row.resolved_at),
+            transaction_id=row.transaction_id,
+            reference=row.reference,
+            metadata=json.loads(row.metadata_json),
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Hold:
+        """Rebuild a hold from :meth:`as_json` (a replayed response)."""
+        return cls(
+            id=data["id"],
+            user_id=data["user_id"],
+            status=data["status"],
+            amount_units=parse_units(data["amount_usdc"]),
+            captured_units=parse_units(data["captured_usdc"]),
+            expires_at=_parse_iso(data["expires_at"]),
+            created_at=_parse_iso(data["created_at"]),
+            resolved_at=None if data["resolved_at"] is None else _parse_iso(data["resolved_at"]),
+            transaction_id=data["transaction_id"],
+            reference=data["reference"],
+            metadata=data["metadata"],
+        )
+
+
+@dataclass(frozen=True)
+class HoldPage:
+    """A page of pending holds, newest first."""
+
+    holds: list[Hold]
+    next_cursor: str | None
+
+    @property
+    def has_more(self) -> bool:
+        return self.next_cursor is not None
+
+
+def _parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def encode_hold_cursor(created_at: datetime, hold_id: str) -> str:
+    """A URL-safe cursor for holds older than (``created_at``, ``hold_id``)."""
+    text = f"h:{_naive(created_at).strftime('%Y%m%d%H%M%S%f')}:{hold_id}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_hold_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position in a hold cursor; :class:`ValueError` if it is not one."""
+    if not cursor or len(cursor) > 120 or not all(c.isalnum() or c in "-_" for c in cursor):
+        raise ValueError("malformed cursor")
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, stamp, hold_id = text.split(":", 2)
+        created = datetime.strptime(stamp, "%Y%m%d%H%M%S%f")
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("malformed cursor") from None
+    if prefix != "h" or not hold_id:
+        raise ValueError("malformed cursor")
+    return created, hold_id
 
 
 def _params(op: Operation) -> dict[str, Any]:
@@ -623,6 +763,117 @@ class Ledger:
             return value
         return Entry.from_json(outcome.json())
 
+    def _call_hold(
+        self,
+        op: Operation,
+        key: str | None,
+        actor_id: str | None,
+        session: Session | None,
+    ) -> Hold:
+        idem = Idempotency.for_call(op.name, _params(op), key=key, actor_id=actor_id)
+        outcome = self.execute(op, idem, session=session)
+        if outcome.status >= 400:
+            raise error_from_body(outcome.status, outcome.json())
+        if outcome.value is not None:
+            value: Hold = outcome.value
+            return value
+        return Hold.from_json(outcome.json())
+
+    # --- holds --------------------------------------------------------------------
+
+    def hold(
+        self,
+        user_id: str,
+        amount_units: int,
+        *,
+        expires_in_seconds: int | None = None,
+        reference: str | None = None,
+        metadata: dict[str, str] | None = None,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: Session | None = None,
+    ) -> Hold:
+        """Reserve ``amount_units`` of the available balance until captured,
+        released or expired; :class:`InsufficientCredits` if not available."""
+        ttl = self.config.hold_ttl_seconds if expires_in_seconds is None else expires_in_seconds
+        if not 1 <= ttl <= self.config.hold_ttl_max_seconds:
+            raise ValidationError(
+                f"expires_in_seconds must be 1 to {self.config.hold_ttl_max_seconds}"
+            )
+        op = CreateHold(user_id, amount_units, ttl, reference, metadata or {}, actor_id)
+        return self._call_hold(op, idempotency_key, actor_id, session)
+
+    def capture(
+        self,
+        hold_id: str,
+        amount_units: int | None = None,
+        *,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: Session | None = None,
+    ) -> Hold:
+        """Spend up to the held amount (default: all) and release the rest.
+
+        Capturing 0 is a release. The ledger entry is the hold's
+        ``transaction_id``.
+        """
+        op = Capture(hold_id, amount_units, actor_id)
+        return self._call_hold(op, idempotency_key, actor_id, session)
+
+    def release(
+        self,
+        hold_id: str,
+        *,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: Session | None = None,
+    ) -> Hold:
+        """Give the whole reservation back; :class:`HoldNotPending` if resolved."""
+        op = Release(hold_id, actor_id)
+        return self._call_hold(op, idempotency_key, actor_id, session)
+
+    def get_hold(self, hold_id: str, *, session: Session | None = None) -> Hold | None:
+        """One hold by id, or ``None``."""
+        now = self._now()
+
+        def work(tx: Tx) -> Hold | None:
+            row = store.hold_row(tx.conn, hold_id)
+            return None if row is None else Hold.from_row(row, now)
+
+        return self._run(work, session, write=False)
+
+    def pending_holds(
+        self,
+        user_id: str,
+        *,
+        limit: int = 20,
+        cursor: str | None = None,
+        session: Session | None = None,
+    ) -> HoldPage:
+        """The user's pending, unexpired holds, newest first."""
+        now = self._now()
+        after = decode_hold_cursor(cursor) if cursor else None
+
+        def work(tx: Tx) -> HoldPage:
+            rows = store.pending_hold_rows(tx.conn, user_id, now, limit + 1, after)
+            page = [Hold.from_row(row, now) for row in rows[:limit]]
+            more = len(rows) > limit and bool(page)
+            last = page[-1] if page else None
+            return HoldPage(
+                page,
+                encode_hold_cursor(last.created_at, last.id) if more and last else None,
+            )
+
+        return self._run(work, session, write=False)
+
+    def expire_holds(self) -> int:
+        """Mark pending holds past their expiry ``expired``; returns how many.
+
+        Tidiness only: an expired hold stops counting the moment it expires.
+        """
+        now = self._now()
+        return self._run(lambda tx: store.expire_holds(tx.conn, now))
+
     # --- the idempotent core ------------------------------------------------------
 
     def execute(
@@ -733,7 +984,9 @@ class Ledger:
 
     # --- applying one operation, inside its transaction -------------------------
 
-    def _apply(self, tx: Tx, op: Operation, now: datetime, target: _Target) -> tuple[int, Entry]:
+    def _apply(
+        self, tx: Tx, op: Operation, now: datetime, target: _Target
+    ) -> tuple[int, Entry | Hold]:
         if isinstance(op, TopUp):
             entry = self._credit(
                 tx,
@@ -789,7 +1042,11 @@ class Ledger:
                 )
             tx.after_commit(partial(signals.credits_adjusted.send, self.sender, entry=entry))
             return 201, entry
-        return 201, self._refund(tx, now, op, target)
+        if isinstance(op, Refund):
+            return 201, self._refund(tx, now, op, target)
+        if isinstance(op, CreateHold):
+            return 201, self._create_hold(tx, now, op)
+        return 200, self._resolve_hold(tx, now, op, target)
 
     def _entry(self, tx: Tx, now: datetime, **fields: Any) -> Entry:
         entry = Entry(
@@ -950,6 +1207,109 @@ class Ledger:
         tx.after_commit(partial(signals.credits_refunded.send, self.sender, entry=entry))
         return entry
 
+    # --- holds, inside their transaction -------------------------------------------
+
+    def _create_hold(self, tx: Tx, now: datetime, op: CreateHold) -> Hold:
+        account = store.lock_account(tx.conn, op.user_id)
+        # A new statement after the lock: every hold committed before it counts.
+        held = store.held_units(tx.conn, op.user_id, now) if account is not None else 0
+        balance = int(account.balance_units) if account is not None else 0
+        if op.amount_units > balance - held:
+            raise InsufficientCredits()
+        hold = Hold(
+            id=new_id("hold_"),
+            user_id=op.user_id,
+            status="pending",
+            amount_units=op.amount_units,
+            captured_units=0,
+            expires_at=utc(now + timedelta(seconds=op.expires_in_seconds)),
+            created_at=utc(now),
+            resolved_at=None,
+            transaction_id=None,
+            reference=op.reference,
+            metadata=op.metadata,
+        )
+        try:
+            store.insert_hold(
+                tx.conn,
+                {
+                    "id": hold.id,
+                    "user_id": hold.user_id,
+                    "status": "pending",
+                    "amount_units": hold.amount_units,
+                    "captured_units": 0,
+                    "expires_at": _naive(hold.expires_at),
+                    "created_at": now,
+                    "resolved_at": None,
+                    "transaction_id": None,
+                    "reference": hold.reference,
+                    "metadata_json": dumps(hold.metadata).decode(),
+                    "actor_id": op.actor_id,
+                },
+            )
+        except IntegrityError:
+            if op.reference is None:
+                raise
+            raise _ReferenceTaken(op.user_id, "hold", op.reference) from None
+        tx.after_commit(partial(signals.hold_created.send, self.sender, hold=hold))
+        return hold
+
+    def _resolve_hold(self, tx: Tx, now: datetime, op: Capture | Release, target: _Target) -> Hold:
+        found = store.hold_row(tx.conn, op.hold_id)
+        if found is None:
+            raise NotFound("No such hold")
+        target.user_id = found.user_id
+        # Lock order: the account first, as every balance change does.
+        store.lock_account(tx.conn, found.user_id)
+        row = store.hold_row(tx.conn, op.hold_id, lock=True)
+        assert row is not None
+        if row.status != "pending":
+            raise HoldNotPending(f"The hold is already {row.status}")
+        if row.expires_at <= now:
+            raise HoldNotPending("The hold has expired")
+        amount = int(row.amount_units)
+        if isinstance(op, Release):
+            units = 0
+        else:
+            units = amount if op.amount_units is None else op.amount_units
+        if units > amount:
+            raise HoldAmountExceeded(
+                f"The hold reserves {format_units(amount)} USDC; capture at most that"
+            )
+        entry: Entry | None = None
+        status = "captured" if units > 0 else "released"
+        if not store.resolve_hold(tx.conn, op.hold_id, status, units, now):  # pragma: no cover
+            raise HoldNotPending()
+        if units > 0:
+            # The hold is no longer pending, so the guard counts only the others.
+            entry = self._debit(
+                tx,
+                now,
+                found.user_id,
+                units,
+                "hold_capture",
+                None,
+                None,
+                json.loads(row.metadata_json),
+                op.actor_id,
+                hold_id=op.hold_id,
+            )
+            store.set_hold_transaction(tx.conn, op.hold_id, entry.id)
+        hold = replace(
+            Hold.from_row(row, now),
+            status=status,
+            captured_units=units,
+            resolved_at=utc(now),
+            transaction_id=None if entry is None else entry.id,
+        )
+        if entry is not None:
+            tx.after_commit(
+                partial(signals.hold_captured.send, self.sender, hold=hold, entry=entry)
+            )
+        else:
+            tx.after_commit(partial(signals.hold_released.send, self.sender, hold=hold))
+        return hold
+
 
 @dataclass
 class _Target:
@@ -957,4 +1317,4 @@ class _Target:
 
 
 def _target(op: Operation) -> str | None:
-    return None if isinstance(op, Refund) else op.user_id
+    return getattr(op, "user_id", None)

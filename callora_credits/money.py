@@ -65,18 +65,20 @@ def parse_limit(text: str) -> int:
     return units
 
 
-def parse_amount(value: object, *, max_units: int, signed: bool = False) -> int:
+def parse_amount(
+    value: object, *, max_units: int, signed: bool = False, allow_zero: bool = False
+) -> int:
     """Parse an amount from a request into units.
 
     ``value`` must be a ``str`` fully matching ``[0-9]+(\\.[0-9]{1,7})?``
-    (with an optional leading ``-`` when ``signed``). Zero is refused, as is
-    anything whose magnitude exceeds ``max_units``.
+    (with an optional leading ``-`` when ``signed``). Zero is refused unless
+    ``allow_zero``, as is anything whose magnitude exceeds ``max_units``.
     """
     # bool is an int subclass; neither it nor any number is accepted.
     if not isinstance(value, str):
         raise AmountError(f"Amount must be a string, not a JSON number: {EXPECTED_FORM}.", "type")
     units = _to_units(value, signed=signed)
-    if units == 0:
+    if units == 0 and not allow_zero:
         raise AmountError("Amount must be greater than zero.", "range")
     if abs(units) > max_units:
         raise AmountError(f"Amount must be at most {format_units(max_units)}.", "range")

@@ -16,22 +16,29 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 from pydantic import ValidationError as PydanticValidationError
 
 from .errors import Detail, ValidationError
-from .ledger import Balance, Page, iso
+from .ledger import Balance, HoldPage, Page, iso
 from .money import format_units
 
 __all__ = [
     "AdjustmentIn",
     "BalanceOut",
     "BalanceQuery",
+    "CaptureIn",
     "ChargeIn",
     "EntryOut",
     "EntryPageOut",
     "ErrorDetail",
     "ErrorOut",
+    "HoldIn",
+    "HoldOut",
+    "HoldPageOut",
+    "HoldsQuery",
     "RefundIn",
+    "ReleaseIn",
     "TopUpIn",
     "TransactionsQuery",
     "balance_json",
+    "hold_page_json",
     "page_json",
     "parse_model",
 ]
@@ -249,6 +256,74 @@ class EntryPageOut(BaseModel):
 def page_json(page: Page) -> dict[str, Any]:
     return {
         "data": [entry.as_json() for entry in page.entries],
+        "next_cursor": page.next_cursor,
+        "has_more": page.has_more,
+    }
+
+
+# --- holds ----------------------------------------------------------------------
+
+
+class HoldIn(Strict):
+    user_id: UserId
+    amount_usdc: AmountIn
+    expires_in_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="1 to CREDITS_HOLD_TTL_MAX_SECONDS; default CREDITS_HOLD_TTL_SECONDS.",
+    )
+    reference: Reference | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class CaptureIn(Strict):
+    amount_usdc: Annotated[
+        Any,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "pattern": USDC_PATTERN,
+                "description": "At most the held amount; default all of it; 0 releases.",
+            }
+        ),
+    ] = None
+
+
+class ReleaseIn(Strict):
+    """An empty body."""
+
+
+class HoldsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId | None = Field(default=None, description="Requires the admin scope.")
+    limit: int = Field(default=20, ge=1, description="1 to CREDITS_PAGE_SIZE_MAX (100).")
+    cursor: str | None = Field(default=None, max_length=128)
+
+
+class HoldOut(BaseModel):
+    id: str = Field(examples=["hold_9a1b2c3d4e5f6a7b8c9d0e1f"])
+    user_id: str
+    status: Literal["pending", "captured", "released", "expired"]
+    amount_usdc: str = Field(pattern=USDC_OUT_PATTERN)
+    captured_usdc: str = Field(pattern=USDC_OUT_PATTERN)
+    expires_at: str
+    created_at: str
+    resolved_at: str | None
+    transaction_id: str | None
+    reference: str | None
+    metadata: dict[str, str]
+
+
+class HoldPageOut(BaseModel):
+    data: list[HoldOut]
+    next_cursor: str | None
+    has_more: bool
+
+
+def hold_page_json(page: HoldPage) -> dict[str, Any]:
+    return {
+        "data": [hold.as_json() for hold in page.holds],
         "next_cursor": page.next_cursor,
         "has_more": page.has_more,
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, func, insert, literal, select, update
+from sqlalchemy import Table, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
@@ -274,3 +274,82 @@ def delete_expired_key(conn: Connection, key_hash: str, now: datetime) -> None:
             idempotency.c.key_hash == key_hash, idempotency.c.expires_at <= now
         )
     )
+
+
+def held_units(conn: Connection, user_id: str, now: datetime) -> int:
+    """Sum of the user's live holds, read after the account row is locked.
+
+    On MariaDB a locking read, so REPEATABLE READ's snapshot cannot hide a
+    hold committed before the lock was taken.
+    """
+    stmt = select(held_units_expr(user_id, now))
+    if _is_mysql(conn):
+        stmt = (
+            select(func.coalesce(func.sum(holds.c.amount_units), 0))
+            .where(
+                holds.c.user_id == user_id,
+                holds.c.status == "pending",
+                holds.c.expires_at > now,
+            )
+            .with_for_update(read=True)
+        )
+    return int(conn.execute(stmt).scalar_one())
+
+
+def insert_hold(conn: Connection, values: dict[str, Any]) -> None:
+    conn.execute(insert(holds).values(values))
+
+
+def hold_row(conn: Connection, hold_id: str, *, lock: bool = False) -> Any:
+    stmt = select(holds).where(holds.c.id == hold_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return conn.execute(stmt).first()
+
+
+def resolve_hold(
+    conn: Connection, hold_id: str, status: str, captured_units: int, now: datetime
+) -> bool:
+    """Move a pending hold to ``status``; ``False`` if it was not pending."""
+    stmt = (
+        update(holds)
+        .where(holds.c.id == hold_id, holds.c.status == "pending")
+        .values(status=status, captured_units=captured_units, resolved_at=now)
+    )
+    return bool(conn.execute(stmt).rowcount == 1)
+
+
+def set_hold_transaction(conn: Connection, hold_id: str, transaction_id: str) -> None:
+    conn.execute(update(holds).where(holds.c.id == hold_id).values(transaction_id=transaction_id))
+
+
+def pending_hold_rows(
+    conn: Connection,
+    user_id: str,
+    now: datetime,
+    limit: int,
+    after: tuple[datetime, str] | None,
+) -> list[Any]:
+    """Live holds, newest first, keyset on (created_at, id)."""
+    stmt = select(holds).where(
+        holds.c.user_id == user_id, holds.c.status == "pending", holds.c.expires_at > now
+    )
+    if after is not None:
+        created, hold_id = after
+        stmt = stmt.where(
+            or_(
+                holds.c.created_at < created,
+                and_(holds.c.created_at == created, holds.c.id < hold_id),
+            )
+        )
+    stmt = stmt.order_by(holds.c.created_at.desc(), holds.c.id.desc()).limit(limit)
+    return list(conn.execute(stmt).all())
+
+
+def expire_holds(conn: Connection, now: datetime) -> int:
+    stmt = (
+        update(holds)
+        .where(holds.c.status == "pending", holds.c.expires_at <= now)
+        .values(status="expired", resolved_at=now)
+    )
+    return int(conn.execute(stmt).rowcount)

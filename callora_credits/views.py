@@ -19,19 +19,26 @@ from .errors import (
 )
 from .extension import current_ledger
 from .idempotency import Idempotency, canonical_fingerprint, valid_key
-from .ledger import Adjust, Charge, Operation, Refund, TopUp
+from .ledger import Adjust, Capture, Charge, CreateHold, Operation, Refund, Release, TopUp
 from .money import AmountError, parse_amount
 from .schemas import (
     AdjustmentIn,
     BalanceOut,
     BalanceQuery,
+    CaptureIn,
     ChargeIn,
     EntryOut,
     EntryPageOut,
+    HoldIn,
+    HoldOut,
+    HoldPageOut,
+    HoldsQuery,
     RefundIn,
+    ReleaseIn,
     TopUpIn,
     TransactionsQuery,
     balance_json,
+    hold_page_json,
     page_json,
     parse_model,
 )
@@ -101,10 +108,17 @@ def _body(model: type[BaseModel], cfg: CreditsConfig) -> tuple[Any, dict[str, An
 
 
 def _amount(
-    value: Any, cfg: CreditsConfig, *, field: str = "amount_usdc", signed: bool = False
+    value: Any,
+    cfg: CreditsConfig,
+    *,
+    field: str = "amount_usdc",
+    signed: bool = False,
+    allow_zero: bool = False,
 ) -> int:
     try:
-        return parse_amount(value, max_units=cfg.max_amount_units, signed=signed)
+        return parse_amount(
+            value, max_units=cfg.max_amount_units, signed=signed, allow_zero=allow_zero
+        )
     except AmountError as exc:
         raise ValidationError(
             details=[{"field": field, "message": str(exc), "code": exc.reason}]
@@ -295,31 +309,17 @@ def list_transactions() -> Response:
     caller = _caller(cfg)
     query: TransactionsQuery = _query(TransactionsQuery)
     user_id = caller.target_user(query.user_id, cfg)
-    if query.limit > cfg.page_size_max:
-        raise ValidationError(
-            details=[
-                {
-                    "field": "limit",
-                    "message": f"limit must be 1 to {cfg.page_size_max}",
-                    "code": "less_than_equal",
-                }
-            ]
-        )
     try:
         page = current_ledger().history(
             user_id,
-            limit=query.limit,
+            limit=_limit(query.limit, cfg),
             cursor=query.cursor,
             type=query.type,
             since=query.since,
             until=query.until,
         )
     except ValueError:
-        raise ValidationError(
-            details=[
-                {"field": "cursor", "message": "Use next_cursor from a page", "code": "cursor"}
-            ]
-        ) from None
+        raise _bad_cursor() from None
     return json_response(page_json(page))
 
 
@@ -340,6 +340,149 @@ def get_transaction(transaction_id: str) -> Response:
     if entry is None or (entry.user_id != caller.user_id and not caller.is_admin(cfg)):
         raise NotFound("No such transaction")
     return json_response(entry.as_json())
+
+
+def _limit(limit: int, cfg: CreditsConfig) -> int:
+    if limit > cfg.page_size_max:
+        raise ValidationError(
+            details=[
+                {
+                    "field": "limit",
+                    "message": f"limit must be 1 to {cfg.page_size_max}",
+                    "code": "less_than_equal",
+                }
+            ]
+        )
+    return limit
+
+
+def _bad_cursor() -> ValidationError:
+    return ValidationError(
+        details=[{"field": "cursor", "message": "Use next_cursor from a page", "code": "cursor"}]
+    )
+
+
+@operation(
+    "/credits/holds",
+    "POST",
+    summary="Place a hold",
+    scope="service",
+    success=201,
+    response=HoldOut,
+    body=HoldIn,
+    errors=(*WRITE_ERRORS, 402),
+)
+def create_hold() -> Response:
+    """Reserve part of a user's available balance (two-phase charge, step one)."""
+    cfg = config()
+    caller = _caller(cfg)
+    caller.require_service(cfg)
+    key = _idempotency_key()
+    body, data = _body(HoldIn, cfg)
+    ttl = cfg.hold_ttl_seconds if body.expires_in_seconds is None else body.expires_in_seconds
+    if ttl > cfg.hold_ttl_max_seconds:
+        raise ValidationError(
+            details=[
+                {
+                    "field": "expires_in_seconds",
+                    "message": f"expires_in_seconds must be 1 to {cfg.hold_ttl_max_seconds}",
+                    "code": "less_than_equal",
+                }
+            ]
+        )
+    op = CreateHold(
+        user_id=body.user_id,
+        amount_units=_amount(body.amount_usdc, cfg),
+        expires_in_seconds=ttl,
+        reference=body.reference,
+        metadata=body.metadata,
+        actor_id=caller.user_id,
+    )
+    return _write(caller, key, data, op)
+
+
+@operation(
+    "/credits/holds",
+    "GET",
+    summary="List pending holds",
+    scope="self (admin: ?user_id=)",
+    response=HoldPageOut,
+    query=HoldsQuery,
+    errors=AUTH_ERRORS,
+)
+def list_holds() -> Response:
+    """The caller's pending, unexpired holds, newest first, cursor-paginated."""
+    cfg = config()
+    caller = _caller(cfg)
+    query: HoldsQuery = _query(HoldsQuery)
+    user_id = caller.target_user(query.user_id, cfg)
+    try:
+        page = current_ledger().pending_holds(
+            user_id, limit=_limit(query.limit, cfg), cursor=query.cursor
+        )
+    except ValueError:
+        raise _bad_cursor() from None
+    return json_response(hold_page_json(page))
+
+
+@operation(
+    "/credits/holds/<hold_id>",
+    "GET",
+    summary="Read one hold",
+    scope="owner or admin",
+    response=HoldOut,
+    errors=(*AUTH_ERRORS, 404),
+)
+def get_hold(hold_id: str) -> Response:
+    """One hold; another user's hold is a 404, so ids cannot be probed."""
+    cfg = config()
+    caller = _caller(cfg)
+    _query(_NoQuery)
+    hold = current_ledger().get_hold(hold_id)
+    if hold is None or (hold.user_id != caller.user_id and not caller.is_admin(cfg)):
+        raise NotFound("No such hold")
+    return json_response(hold.as_json())
+
+
+@operation(
+    "/credits/holds/<hold_id>/capture",
+    "POST",
+    summary="Capture a hold",
+    scope="service",
+    response=HoldOut,
+    body=CaptureIn,
+    errors=(*WRITE_ERRORS, 402, 404),
+)
+def capture_hold(hold_id: str) -> Response:
+    """Spend up to the held amount (default: all); the rest is released."""
+    cfg = config()
+    caller = _caller(cfg)
+    caller.require_service(cfg)
+    key = _idempotency_key()
+    body, data = _body(CaptureIn, cfg)
+    amount = None
+    if body.amount_usdc is not None:
+        amount = _amount(body.amount_usdc, cfg, allow_zero=True)
+    return _write(caller, key, data, Capture(hold_id, amount, caller.user_id))
+
+
+@operation(
+    "/credits/holds/<hold_id>/release",
+    "POST",
+    summary="Release a hold",
+    scope="service",
+    response=HoldOut,
+    body=ReleaseIn,
+    errors=(*WRITE_ERRORS, 404),
+)
+def release_hold(hold_id: str) -> Response:
+    """Give the whole reservation back."""
+    cfg = config()
+    caller = _caller(cfg)
+    caller.require_service(cfg)
+    key = _idempotency_key()
+    _, data = _body(ReleaseIn, cfg)
+    return _write(caller, key, data, Release(hold_id, caller.user_id))
 
 
 @operation(
