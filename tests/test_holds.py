@@ -221,9 +221,10 @@ def test_holds_http_list_get_and_permissions(app, client, auth, service, user_id
     missing = client.post(f"{BASE}/holds/hold_nope/capture", headers={**service, **key()})
     assert missing.status_code == 404
     too_long = client.post(
-        f"{BASE}/holds", json={"user_id": user_id, "amount_usdc": "1", "expires_in_seconds": 86401},
+        f"{BASE}/holds",
+        json={"user_id": user_id, "amount_usdc": "1", "expires_in_seconds": 86401},
         headers={**service, **key()},
-    )  # fmt: skip
+    )
     assert too_long.status_code == 400
     unknown_user = client.post(
         f"{BASE}/holds", json={"user_id": f"{user_id}_nobody", "amount_usdc": "1"},
