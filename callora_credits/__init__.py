@@ -7,12 +7,17 @@ app.register_blueprint(credits_bp, url_prefix="/api/billing")
 from __future__ import annotations
 
 from . import cli as _cli  # noqa: F401  (registers `flask credits`)
+from . import signals as signals
 from . import views as _views  # noqa: F401  (registers the routes)
 from .blueprint import credits_bp as credits_bp
 from .errors import CreditsError as CreditsError
 from .extension import current_ledger as current_ledger
 from .ledger import Balance as Balance
+from .ledger import Entry as Entry
+from .ledger import Hold as Hold
 from .ledger import Ledger as Ledger
+from .metering import charge_credits as charge_credits
+from .metering import set_final_price as set_final_price
 from .migrate import include_name as include_name
 from .models import metadata as metadata
 from .money import UNITS_PER_USDC as UNITS_PER_USDC
@@ -23,13 +28,18 @@ __all__ = [
     "UNITS_PER_USDC",
     "Balance",
     "CreditsError",
+    "Entry",
+    "Hold",
     "Ledger",
+    "charge_credits",
     "credits_bp",
     "current_ledger",
     "format_units",
     "include_name",
     "metadata",
     "parse_amount",
+    "set_final_price",
+    "signals",
 ]
 
 __version__ = "0.1.0"

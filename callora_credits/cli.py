@@ -118,6 +118,13 @@ def reconcile() -> None:
         raise SystemExit(1)
 
 
+@cli.command("expire-holds")
+def expire_holds() -> None:
+    """Mark pending holds past their expiry as expired (tidiness only)."""
+    count = current_ledger().expire_holds()
+    click.echo(f"marked {count} holds expired")
+
+
 @cli.command("prune")
 def prune() -> None:
     """Delete idempotency keys past CREDITS_IDEMPOTENCY_TTL_SECONDS."""

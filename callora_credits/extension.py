@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from flask import current_app
 from sqlalchemy.engine import Engine
@@ -27,9 +28,9 @@ class CreditsState:
         self.clock: Clock = utcnow
         self.stats = RetryStats()
 
-    def ledger(self, engine: Engine, config: CreditsConfig) -> Ledger:
+    def ledger(self, engine: Engine, config: CreditsConfig, sender: Any = None) -> Ledger:
         """A ledger on ``engine``; cheap, built per use so config changes apply."""
-        return Ledger(engine, config, clock=self._now, stats=self.stats)
+        return Ledger(engine, config, clock=self._now, stats=self.stats, sender=sender)
 
     def _now(self) -> datetime:
         # Late-bound so a clock replaced after start-up is used at once.
@@ -55,4 +56,5 @@ def current_ledger() -> Ledger:
     ``CREDITS_*`` configuration.
     """
     db = current_app.extensions["sqlalchemy"]
-    return state().ledger(db.engine, config())
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    return state().ledger(db.engine, config(), sender=app)
