@@ -12,9 +12,11 @@ from typing import Any
 from sqlalchemy import Table, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from .models import Account, Hold, IdempotencyRecord, LedgerEntry
+from .unit_of_work import RetryTransaction
 
 __all__ = [
     "accounts",
@@ -178,13 +180,19 @@ def credit(
     ).rowcount
     locked = lock_account(conn, user_id)
     if locked is None:
-        # A concurrent first credit makes this raise a duplicate-key error;
-        # the unit of work runs again and takes the update path.
-        conn.execute(
-            insert(accounts).values(
-                user_id=user_id, balance_units=units, last_seq=1, created_at=now, updated_at=now
+        try:
+            conn.execute(
+                insert(accounts).values(
+                    user_id=user_id,
+                    balance_units=units,
+                    last_seq=1,
+                    created_at=now,
+                    updated_at=now,
+                )
             )
-        )
+        except IntegrityError:
+            # A concurrent first credit won; run again and take the update path.
+            raise RetryTransaction() from None
         return units, 1
     # SQLAlchemy's MySQL dialects count matched rows (CLIENT.FOUND_ROWS), so
     # rowcount says whether the limit condition held.

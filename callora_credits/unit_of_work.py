@@ -86,12 +86,12 @@ def _retry_reason(exc: BaseException) -> str | None:
     if exc.connection_invalidated:
         return "disconnect"
     orig = exc.orig
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if state in _PG_RETRY_STATES:
-        return "serialization" if state == "40001" else "deadlock"
     args = getattr(orig, "args", ())
     if args and isinstance(args[0], int) and args[0] in _MYSQL_RETRY_CODES:
         return {1213: "deadlock", 1205: "lock_timeout"}.get(args[0], "disconnect")
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state in _PG_RETRY_STATES:
+        return "serialization" if state == "40001" else "deadlock"
     text = str(orig).lower()
     if "database is locked" in text or "database table is locked" in text:
         return "locked"
