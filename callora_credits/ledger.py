@@ -81,6 +81,9 @@ def utc(value: datetime) -> datetime:
 
 
 def _naive(value: datetime) -> datetime:
+    """Naive UTC, as stored; a naive input is taken to be UTC already."""
+    if value.tzinfo is None:
+        return value
     return value.astimezone(timezone.utc).replace(tzinfo=None)
 
 

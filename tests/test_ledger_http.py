@@ -267,3 +267,17 @@ def test_adjustments(client, admin, user_id):
     too_much = client.post(f"{BASE}/adjustments", json=body, headers={**admin, **key()})
     assert too_much.status_code == 402
     assert balance_units(client.application, user_id) == 25_000_000
+
+
+def test_history_time_filters(client, admin, auth, user_id):
+    top_up(client, admin, user_id, "1")
+    mine = auth(user_id)
+    everything = client.get(f"{BASE}/transactions?since=2000-01-01T00:00:00Z", headers=mine)
+    assert len(everything.json["data"]) == 1
+    naive = client.get(f"{BASE}/transactions?since=2000-01-01T00:00:00", headers=mine)
+    assert len(naive.json["data"]) == 1
+    nothing = client.get(f"{BASE}/transactions?until=2000-01-01T00:00:00Z", headers=mine)
+    assert nothing.json["data"] == []
+    bad = client.get(f"{BASE}/transactions?since=yesterday", headers=mine)
+    assert bad.status_code == 400
+    assert bad.json["details"][0]["field"] == "since"
