@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from callora_credits.migrate import VERSION_TABLE, include_name
+from callora_credits.migrate import VERSION_TABLE
 from callora_credits.models import metadata
 
 connection = context.config.attributes.get("connection")
@@ -22,8 +22,13 @@ if connection is None:  # pragma: no cover - misuse
 
 
 def _own_tables_only(name: str | None, type_: str, parent_names: object) -> bool:
-    # Compare and autogenerate see only the library's tables.
-    return not include_name(name, type_, parent_names)
+    # Compare and autogenerate see only the library's tables (the host's are
+    # the host's business). Only table names are filtered: Alembic also asks
+    # about the schema (name None) and every column, index and constraint,
+    # and refusing those would hide the whole database.
+    if type_ == "table":
+        return name in metadata.tables
+    return True
 
 
 context.configure(
