@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test lint typecheck demo clean
+.PHONY: install test lint typecheck docs demo clean
 
 $(STAMP): setup.py pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
+# The docs site, built in strict mode (a broken link or missing page fails).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir build/site
+
 # The whole suite: lint, types, and tests on SQLite plus every database
 # server that answers (under CI=true, one that does not is a failure).
-test: $(STAMP) lint typecheck
+test: $(STAMP) lint typecheck docs
 	@urls=$$($(PY) scripts/db_urls.py) || exit 1; eval "$$urls"; \
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 

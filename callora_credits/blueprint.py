@@ -220,14 +220,14 @@ def _unexpected(error: Exception) -> Response:
     return error_response(InternalError())
 
 
-def _routing_error() -> Response:
+def _routing_error(rest: str = "") -> Response:
     """The catch-all under /credits: JSON 404 or 405 (SPEC §4).
 
     Routing errors are raised before a blueprint is chosen, so blueprint error
     handlers never see them; these rules catch what no real route matched.
+    Flask passes the ``<path:rest>`` part as an argument.
     """
-    rest = (request.view_args or {}).get("rest", "")
-    path = "/credits/" + rest if rest else "/credits"
+    path = "/credits/" + rest if rest or request.path.endswith("/") else "/credits"
     adapter = _CREDITS_MAP.bind("credits.invalid")
     try:
         adapter.match(path, method=request.method)
@@ -249,5 +249,5 @@ def _routing_error() -> Response:
 def register_routing_fallbacks() -> None:
     """Add the catch-all rules; called once, after every real route exists,
     so that the real routes are matched first."""
-    for rule in ("/credits", "/credits/<path:rest>"):
+    for rule in ("/credits", "/credits/", "/credits/<path:rest>"):
         credits_bp.add_url_rule(rule, "routing_error", _routing_error, methods=ALL_METHODS)

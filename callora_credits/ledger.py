@@ -966,9 +966,12 @@ class Ledger:
                 return replayed
             if stored.taken is not None:
                 taken = stored.taken
-                existing = store.entry_by_reference(
-                    tx.conn, taken.user_id, taken.type, taken.reference
-                )
+                if taken.type == "hold":
+                    existing = store.hold_by_reference(tx.conn, taken.user_id, taken.reference)
+                else:
+                    existing = store.entry_by_reference(
+                        tx.conn, taken.user_id, taken.type, taken.reference
+                    )
                 error = DuplicateReference(
                     details=[
                         {
@@ -1097,6 +1100,7 @@ class Ledger:
         description: str | None,
         metadata: dict[str, str],
         actor_id: str | None,
+        refund_of: str | None = None,
     ) -> Entry:
         limit = self.config.max_balance_units
         moved = store.credit(tx.conn, user_id, units, limit, now) if units <= limit else None
@@ -1115,6 +1119,7 @@ class Ledger:
             description=description,
             metadata=metadata,
             actor_id=actor_id,
+            refund_of=refund_of,
         )
         self._insert(tx, entry, now, guard=False)
         return entry
@@ -1202,9 +1207,17 @@ class Ledger:
                 f"At most {format_units(remaining)} USDC of this charge can be refunded"
             )
         entry = self._credit(
-            tx, now, found.user_id, units, "refund", None, op.reason, {}, op.actor_id
+            tx,
+            now,
+            found.user_id,
+            units,
+            "refund",
+            None,
+            op.reason,
+            {},
+            op.actor_id,
+            refund_of=op.transaction_id,
         )
-        entry = replace(entry, refund_of=op.transaction_id)
         if not store.add_refunded(tx.conn, op.transaction_id, units):  # pragma: no cover
             raise RefundExceedsCharge()
         tx.after_commit(partial(signals.credits_refunded.send, self.sender, entry=entry))

@@ -57,7 +57,7 @@ def _error(error: CreditsError) -> Response:
     return response
 
 
-def charge_credits(price: Price, *, description: str | None = None) -> Callable[[F], F]:
+def charge_credits(price: Price) -> Callable[[F], F]:
     """Charge the caller ``price`` USDC for each successful call of the view.
 
     ``price`` is a string such as ``"0.0100000"``, or a callable taking the
@@ -105,9 +105,12 @@ def charge_credits(price: Price, *, description: str | None = None) -> Callable[
                     exc_info=exc,
                     extra={"request_id": request_id()},
                 )
-                signals.capture_failed.send(
-                    cast(Any, current_app)._get_current_object(), hold=hold, error=exc
-                )
+                try:
+                    signals.capture_failed.send(
+                        cast(Any, current_app)._get_current_object(), hold=hold, error=exc
+                    )
+                except Exception:
+                    log.exception("credits: a capture_failed receiver failed")
                 return response
             response.headers["X-Credits-Charged"] = format_units(captured.captured_units)
             balance = ledger.find_by_user_id(caller.user_id)

@@ -96,15 +96,6 @@ class ErrorOut(BaseModel):
 # --- balance ----------------------------------------------------------------
 
 
-class BalanceQuery(Strict):
-    user_id: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=128,
-        description="Another user's id; requires the admin scope.",
-    )
-
-
 class BalanceOut(BaseModel):
     user_id: str
     balance_usdc: str = Field(pattern=USDC_OUT_PATTERN, examples=["100.5000000"])
@@ -186,6 +177,12 @@ SignedAmountIn = Annotated[
 EntryType = Literal["topup", "charge", "refund", "hold_capture", "adjustment"]
 
 
+class BalanceQuery(Strict):
+    user_id: UserId | None = Field(
+        default=None, description="Another user's id; requires the admin scope."
+    )
+
+
 # --- ledger requests ------------------------------------------------------------
 
 
@@ -220,7 +217,9 @@ class TransactionsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: UserId | None = Field(default=None, description="Requires the admin scope.")
-    limit: int = Field(default=20, ge=1, description="1 to CREDITS_PAGE_SIZE_MAX (100).")
+    limit: int | None = Field(
+        default=None, ge=1, description="1 to CREDITS_PAGE_SIZE_MAX (100); default 20."
+    )
     cursor: str | None = Field(default=None, max_length=64, description="next_cursor of a page.")
     type: EntryType | None = None
     since: datetime | None = Field(default=None, description="Inclusive, ISO 8601.")
@@ -277,16 +276,9 @@ class HoldIn(Strict):
 
 
 class CaptureIn(Strict):
-    amount_usdc: Annotated[
-        Any,
-        WithJsonSchema(
-            {
-                "type": "string",
-                "pattern": USDC_PATTERN,
-                "description": "At most the held amount; default all of it; 0 releases.",
-            }
-        ),
-    ] = None
+    amount_usdc: AmountIn | None = Field(
+        default=None, description="At most the held amount; default all of it; 0 releases."
+    )
 
 
 class ReleaseIn(Strict):
@@ -297,7 +289,9 @@ class HoldsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: UserId | None = Field(default=None, description="Requires the admin scope.")
-    limit: int = Field(default=20, ge=1, description="1 to CREDITS_PAGE_SIZE_MAX (100).")
+    limit: int | None = Field(
+        default=None, ge=1, description="1 to CREDITS_PAGE_SIZE_MAX (100); default 20."
+    )
     cursor: str | None = Field(default=None, max_length=128)
 
 

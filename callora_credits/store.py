@@ -235,6 +235,13 @@ def entry_by_reference(conn: Connection, user_id: str, type_: str, reference: st
     return found
 
 
+def hold_by_reference(conn: Connection, user_id: str, reference: str) -> str | None:
+    """The id of the user's hold with ``reference``, if any."""
+    stmt = select(holds.c.id).where(holds.c.user_id == user_id, holds.c.reference == reference)
+    found: str | None = conn.execute(stmt).scalar()
+    return found
+
+
 def entry_row(conn: Connection, entry_id: str, *, lock: bool = False) -> Any:
     stmt = select(entries).where(entries.c.id == entry_id)
     if lock:

@@ -134,6 +134,19 @@ def _fire(callbacks: list[Callable[[], object]]) -> None:
 _PENDING = "callora_credits.after_commit"
 
 
+def _sqlite_begin(conn: Connection) -> None:
+    """Open the host's SQLite transaction if pysqlite has not yet.
+
+    pysqlite begins lazily, before the first write; a SAVEPOINT issued first
+    would then be a transaction of its own, committed on release.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    raw = conn.connection.dbapi_connection
+    if raw is not None and not getattr(raw, "in_transaction", True):
+        conn.exec_driver_sql("BEGIN")
+
+
 def _defer_to_session(session: Session, callbacks: list[Callable[[], object]]) -> None:
     """Fire ``callbacks`` when the session commits; drop them on rollback.
 
@@ -175,8 +188,12 @@ def run(
     transaction, with no retries, callbacks deferred to the session's commit.
     """
     if session is not None:
-        tx = Tx(session.connection(), attempt=0)
-        result = work(tx)
+        # A savepoint, so a refused operation leaves nothing half-done in the
+        # host's transaction (the host may catch the error and commit).
+        _sqlite_begin(session.connection())
+        with session.begin_nested():
+            tx = Tx(session.connection(), attempt=0)
+            result = work(tx)
         if tx._after_commit:
             _defer_to_session(session, list(tx._after_commit))
         return result

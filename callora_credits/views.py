@@ -342,7 +342,12 @@ def get_transaction(transaction_id: str) -> Response:
     return json_response(entry.as_json())
 
 
-def _limit(limit: int, cfg: CreditsConfig) -> int:
+DEFAULT_PAGE_SIZE = 20
+
+
+def _limit(limit: int | None, cfg: CreditsConfig) -> int:
+    if limit is None:
+        return min(DEFAULT_PAGE_SIZE, cfg.page_size_max)
     if limit > cfg.page_size_max:
         raise ValidationError(
             details=[

@@ -168,3 +168,23 @@ def test_ledger_rows_match_the_balance(app, user_id):
                 sa.select(sa.func.sum(t.c.amount_units)).where(t.c.user_id == user_id)
             ).scalar_one()
         assert total == ledger.find_by_user_id(user_id).balance_units
+
+
+def test_refund_of_is_stored_on_the_entry(app, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10)
+        charge = ledger.charge(user_id, 4)
+        refund = ledger.refund(charge.id, 1)
+        assert ledger.get_entry(refund.id).refund_of == charge.id
+        assert ledger.history(user_id, type="refund").entries[0].refund_of == charge.id
+
+
+def test_duplicate_hold_reference_names_the_hold(app, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10)
+        first = ledger.hold(user_id, 1, reference="job-7")
+        with pytest.raises(DuplicateReference) as caught:
+            ledger.hold(user_id, 1, reference="job-7")
+        assert caught.value.details[0]["transaction_id"] == first.id

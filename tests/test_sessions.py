@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from callora_credits import current_ledger, signals
+from callora_credits.errors import InsufficientCredits
 from callora_credits.models import Account
 
 
@@ -67,3 +68,18 @@ def test_host_pending_work_is_untouched(app, engine_name, user_id):
         db.session.rollback()
         assert ledger.find_by_user_id(f"{user_id}_host") is None
         assert ledger.find_by_user_id(user_id).balance_units == 1
+
+
+def test_a_refused_joined_operation_leaves_nothing_behind(app, user_id):
+    """The host catches the 402 and commits: no half-done debit is committed."""
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10)
+        ledger.hold(user_id, 8)
+        engine = app.extensions["sqlalchemy"].engine
+        with Session(engine) as session:
+            with pytest.raises(InsufficientCredits):
+                ledger.charge(user_id, 5, session=session)  # balance covers it, holds don't
+            session.commit()
+        assert ledger.find_by_user_id(user_id).balance_units == 10
+        assert ledger.reconcile().ok
