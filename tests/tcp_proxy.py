@@ -15,6 +15,7 @@ through a socket pair, so only that thread ever touches the sockets.
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import threading
@@ -120,22 +121,16 @@ class TcpProxy:
             if s is None:
                 continue
             self._peers.pop(s, None)
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(s)
-            except (KeyError, ValueError):
-                pass
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def _drop_all(self) -> None:
         if self._listener is not None:
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(self._listener)
-            except (KeyError, ValueError):
-                pass
             self._listener.close()
             self._listener = None
         for sock in list(self._peers):

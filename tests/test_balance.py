@@ -190,7 +190,7 @@ def test_concurrent_first_reads_in_processes(databases, engine_name, user_id):
     if engine_name == "sqlite":
         pytest.skip("SQLite is one file on one host; the cross-process race is a server's")
     url = databases.url(engine_name)
-    processes_count = 4
+    processes_count = 3
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(processes_count)
     results = ctx.Queue()
