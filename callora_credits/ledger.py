@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 Clock = Callable[[], datetime]
 
@@ -676,7 +677,7 @@ class Ledger:
     ) -> Entry:
         """Credit ``amount_units`` to the user (created if new)."""
         op = TopUp(user_id, amount_units, reference, description, metadata or {}, actor_id)
-        return self._call(op, idempotency_key, actor_id, session)
+        return self._call(op, idempotency_key, actor_id, session, Entry.from_json)
 
     def charge(
         self,
@@ -692,7 +693,7 @@ class Ledger:
     ) -> Entry:
         """Debit ``amount_units``; :class:`InsufficientCredits` if not available."""
         op = Charge(user_id, amount_units, reference, description, metadata or {}, actor_id)
-        return self._call(op, idempotency_key, actor_id, session)
+        return self._call(op, idempotency_key, actor_id, session, Entry.from_json)
 
     def adjust(
         self,
@@ -706,7 +707,7 @@ class Ledger:
     ) -> Entry:
         """A signed correction (chargebacks, fixes); never below zero."""
         op = Adjust(user_id, amount_units, reason, actor_id)
-        return self._call(op, idempotency_key, actor_id, session)
+        return self._call(op, idempotency_key, actor_id, session, Entry.from_json)
 
     def refund(
         self,
@@ -720,7 +721,7 @@ class Ledger:
     ) -> Entry:
         """Give back (part of) a ``charge`` or ``hold_capture``; default: what is left."""
         op = Refund(transaction_id, amount_units, reason, actor_id)
-        return self._call(op, idempotency_key, actor_id, session)
+        return self._call(op, idempotency_key, actor_id, session, Entry.from_json)
 
     def update_balance(
         self,
@@ -756,31 +757,17 @@ class Ledger:
         key: str | None,
         actor_id: str | None,
         session: Session | None,
-    ) -> Entry:
+        rebuild: Callable[[dict[str, Any]], R],
+    ) -> R:
+        """Run ``op`` for the Python API: a value, or the stored error raised."""
         idem = Idempotency.for_call(op.name, _params(op), key=key, actor_id=actor_id)
         outcome = self.execute(op, idem, session=session)
         if outcome.status >= 400:
             raise error_from_body(outcome.status, outcome.json())
         if outcome.value is not None:
-            value: Entry = outcome.value
+            value: R = outcome.value
             return value
-        return Entry.from_json(outcome.json())
-
-    def _call_hold(
-        self,
-        op: Operation,
-        key: str | None,
-        actor_id: str | None,
-        session: Session | None,
-    ) -> Hold:
-        idem = Idempotency.for_call(op.name, _params(op), key=key, actor_id=actor_id)
-        outcome = self.execute(op, idem, session=session)
-        if outcome.status >= 400:
-            raise error_from_body(outcome.status, outcome.json())
-        if outcome.value is not None:
-            value: Hold = outcome.value
-            return value
-        return Hold.from_json(outcome.json())
+        return rebuild(outcome.json())
 
     # --- holds --------------------------------------------------------------------
 
@@ -804,7 +791,7 @@ class Ledger:
                 f"expires_in_seconds must be 1 to {self.config.hold_ttl_max_seconds}"
             )
         op = CreateHold(user_id, amount_units, ttl, reference, metadata or {}, actor_id)
-        return self._call_hold(op, idempotency_key, actor_id, session)
+        return self._call(op, idempotency_key, actor_id, session, Hold.from_json)
 
     def capture(
         self,
@@ -821,7 +808,7 @@ class Ledger:
         ``transaction_id``.
         """
         op = Capture(hold_id, amount_units, actor_id)
-        return self._call_hold(op, idempotency_key, actor_id, session)
+        return self._call(op, idempotency_key, actor_id, session, Hold.from_json)
 
     def release(
         self,
@@ -833,7 +820,7 @@ class Ledger:
     ) -> Hold:
         """Give the whole reservation back; :class:`HoldNotPending` if resolved."""
         op = Release(hold_id, actor_id)
-        return self._call_hold(op, idempotency_key, actor_id, session)
+        return self._call(op, idempotency_key, actor_id, session, Hold.from_json)
 
     def get_hold(self, hold_id: str, *, session: Session | None = None) -> Hold | None:
         """One hold by id, or ``None``."""
