@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Response, request
@@ -142,21 +143,47 @@ def _idempotency_key() -> str:
     return key
 
 
-def _write(caller: Caller, key: str, data: dict[str, Any], operation: Operation) -> Response:
-    """Run a money-moving operation once per key; replay stored outcomes."""
-    idem = Idempotency(
-        actor_id=caller.user_id,
-        method=request.method,
-        path=request.path,
-        key=key,
-        fingerprint=canonical_fingerprint(data),
-        request_id=request_id(),
-    )
-    outcome = current_ledger().execute(operation, idem)
-    response = Response(outcome.body, status=outcome.status, mimetype="application/json")
-    if outcome.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+@dataclass(frozen=True)
+class _WriteRequest:
+    """A money-moving request that passed auth, scope, key and body checks."""
+
+    cfg: CreditsConfig
+    caller: Caller
+    key: str
+    body: Any
+    data: dict[str, Any]
+
+    def amount(self, value: Any, *, signed: bool = False, allow_zero: bool = False) -> int:
+        return _amount(value, self.cfg, signed=signed, allow_zero=allow_zero)
+
+    def run(self, operation: Operation) -> Response:
+        """Run the operation once per key; replay a stored outcome byte for byte."""
+        idem = Idempotency(
+            actor_id=self.caller.user_id,
+            method=request.method,
+            path=request.path,
+            key=self.key,
+            fingerprint=canonical_fingerprint(self.data),
+            request_id=request_id(),
+        )
+        outcome = current_ledger().execute(operation, idem)
+        response = Response(outcome.body, status=outcome.status, mimetype="application/json")
+        if outcome.replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return response
+
+
+def _write_request(model: type[BaseModel], *, admin: bool) -> _WriteRequest:
+    """Checks in SPEC order: identity (401), scope (403), key and body (400)."""
+    cfg = config()
+    caller = _caller(cfg)
+    if admin:
+        caller.require_admin(cfg)
+    else:
+        caller.require_service(cfg)
+    key = _idempotency_key()
+    body, data = _body(model, cfg)
+    return _WriteRequest(cfg, caller, key, body, data)
 
 
 @operation(
@@ -197,20 +224,17 @@ def top_up() -> Response:
     ``reference`` (an external payment id) credits at most once per user,
     even under different idempotency keys.
     """
-    cfg = config()
-    caller = _caller(cfg)
-    caller.require_admin(cfg)
-    key = _idempotency_key()
-    body, data = _body(TopUpIn, cfg)
+    req = _write_request(TopUpIn, admin=True)
+    body = req.body
     op = TopUp(
         user_id=body.user_id,
-        amount_units=_amount(body.amount_usdc, cfg),
+        amount_units=req.amount(body.amount_usdc),
         reference=body.reference,
         description=body.description,
         metadata=body.metadata,
-        actor_id=caller.user_id,
+        actor_id=req.caller.user_id,
     )
-    return _write(caller, key, data, op)
+    return req.run(op)
 
 
 @operation(
@@ -225,18 +249,15 @@ def top_up() -> Response:
 )
 def adjust() -> Response:
     """A signed correction (chargeback, fix); never takes the balance below zero."""
-    cfg = config()
-    caller = _caller(cfg)
-    caller.require_admin(cfg)
-    key = _idempotency_key()
-    body, data = _body(AdjustmentIn, cfg)
+    req = _write_request(AdjustmentIn, admin=True)
+    body = req.body
     op = Adjust(
         user_id=body.user_id,
-        amount_units=_amount(body.amount_usdc, cfg, signed=True),
+        amount_units=req.amount(body.amount_usdc, signed=True),
         reason=body.reason,
-        actor_id=caller.user_id,
+        actor_id=req.caller.user_id,
     )
-    return _write(caller, key, data, op)
+    return req.run(op)
 
 
 @operation(
@@ -251,20 +272,17 @@ def adjust() -> Response:
 )
 def charge() -> Response:
     """Debit a user's available balance; 402 when it does not cover the amount."""
-    cfg = config()
-    caller = _caller(cfg)
-    caller.require_service(cfg)
-    key = _idempotency_key()
-    body, data = _body(ChargeIn, cfg)
+    req = _write_request(ChargeIn, admin=False)
+    body = req.body
     op = Charge(
         user_id=body.user_id,
-        amount_units=_amount(body.amount_usdc, cfg),
+        amount_units=req.amount(body.amount_usdc),
         reference=body.reference,
         description=body.description,
         metadata=body.metadata,
-        actor_id=caller.user_id,
+        actor_id=req.caller.user_id,
     )
-    return _write(caller, key, data, op)
+    return req.run(op)
 
 
 @operation(
@@ -279,19 +297,16 @@ def charge() -> Response:
 )
 def refund(transaction_id: str) -> Response:
     """Give back all or part of a ``charge`` or ``hold_capture`` entry."""
-    cfg = config()
-    caller = _caller(cfg)
-    caller.require_admin(cfg)
-    key = _idempotency_key()
-    body, data = _body(RefundIn, cfg)
-    amount = None if body.amount_usdc is None else _amount(body.amount_usdc, cfg)
+    req = _write_request(RefundIn, admin=True)
+    body = req.body
+    amount = None if body.amount_usdc is None else req.amount(body.amount_usdc)
     op = Refund(
         transaction_id=transaction_id,
         amount_units=amount,
         reason=body.reason,
-        actor_id=caller.user_id,
+        actor_id=req.caller.user_id,
     )
-    return _write(caller, key, data, op)
+    return req.run(op)
 
 
 @operation(
@@ -379,11 +394,8 @@ def _bad_cursor() -> ValidationError:
 )
 def create_hold() -> Response:
     """Reserve part of a user's available balance (two-phase charge, step one)."""
-    cfg = config()
-    caller = _caller(cfg)
-    caller.require_service(cfg)
-    key = _idempotency_key()
-    body, data = _body(HoldIn, cfg)
+    req = _write_request(HoldIn, admin=False)
+    body, cfg = req.body, req.cfg
     ttl = cfg.hold_ttl_seconds if body.expires_in_seconds is None else body.expires_in_seconds
     if ttl > cfg.hold_ttl_max_seconds:
         raise ValidationError(
@@ -397,13 +409,13 @@ def create_hold() -> Response:
         )
     op = CreateHold(
         user_id=body.user_id,
-        amount_units=_amount(body.amount_usdc, cfg),
+        amount_units=req.amount(body.amount_usdc),
         expires_in_seconds=ttl,
         reference=body.reference,
         metadata=body.metadata,
-        actor_id=caller.user_id,
+        actor_id=req.caller.user_id,
     )
-    return _write(caller, key, data, op)
+    return req.run(op)
 
 
 @operation(
@@ -460,15 +472,12 @@ def get_hold(hold_id: str) -> Response:
 )
 def capture_hold(hold_id: str) -> Response:
     """Spend up to the held amount (default: all); the rest is released."""
-    cfg = config()
-    caller = _caller(cfg)
-    caller.require_service(cfg)
-    key = _idempotency_key()
-    body, data = _body(CaptureIn, cfg)
+    req = _write_request(CaptureIn, admin=False)
+    body = req.body
     amount = None
     if body.amount_usdc is not None:
-        amount = _amount(body.amount_usdc, cfg, allow_zero=True)
-    return _write(caller, key, data, Capture(hold_id, amount, caller.user_id))
+        amount = req.amount(body.amount_usdc, allow_zero=True)
+    return req.run(Capture(hold_id, amount, req.caller.user_id))
 
 
 @operation(
@@ -482,12 +491,8 @@ def capture_hold(hold_id: str) -> Response:
 )
 def release_hold(hold_id: str) -> Response:
     """Give the whole reservation back."""
-    cfg = config()
-    caller = _caller(cfg)
-    caller.require_service(cfg)
-    key = _idempotency_key()
-    _, data = _body(ReleaseIn, cfg)
-    return _write(caller, key, data, Release(hold_id, caller.user_id))
+    req = _write_request(ReleaseIn, admin=False)
+    return req.run(Release(hold_id, req.caller.user_id))
 
 
 @operation(
