@@ -1,11 +1,14 @@
-"""Run the example host app with a demo balance and print working curl commands.
+"""Run the example host app with a demo balance, print its billing page's
+sign-in links and working curl commands.
 
     make demo            # or: .venv/bin/python examples/demo.py
 
 Uses ``DATABASE_URL`` (default: ``demo.sqlite3`` in the repository root) and
 ``JWT_SECRET_KEY`` (default: a public demo-only key), applies the host's
-migrations and the library's, credits "alice" once, prints curl commands with
-ready-made tokens, then serves on http://127.0.0.1:$PORT (default 5000).
+migrations and the library's, credits "alice" once, prints the billing page's
+URL (a DEMO-ONLY sign-in link for alice and one for an admin) and curl
+commands with ready-made tokens, then serves on http://127.0.0.1:$PORT
+(default 5000).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import flask_migrate
-from flask import Flask
+from flask import Flask, url_for
 from flask_jwt_extended import create_access_token
 
 import callora_credits
@@ -30,7 +33,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent
 if str(EXAMPLES_DIR) not in sys.path:
     sys.path.insert(0, str(EXAMPLES_DIR))
 
-from host_app import DEMO_JWT_SECRET_KEY, MIGRATIONS_DIR, create_app, db  # noqa: E402
+from host_app import DEMO_JWT_SECRET_KEY, MIGRATIONS_DIR, create_app, db, paid_api  # noqa: E402
 
 DEMO_USER = "alice"
 DEMO_ADMIN = "demo_admin"
@@ -50,10 +53,14 @@ class DemoRequest:
     path: str
     headers: dict[str, str] = field(default_factory=dict)
     body: str | None = None
+    #: Print the response headers too (``curl -i``), e.g. X-Credits-Charged.
+    show_headers: bool = False
 
     def curl(self, base_url: str) -> str:
         """The request as a shell-quoted curl command against ``base_url``."""
         words = ["curl", "-sS"]
+        if self.show_headers:
+            words.append("-i")
         if self.method != "GET":
             words += ["-X", self.method]
         words.append(base_url + self.path)
@@ -135,6 +142,23 @@ def demo_requests(app: Flask) -> list[DemoRequest]:
             f'{{"user_id": "{DEMO_USER}", "amount_usdc": "1.2500000"}}',
         ),
         DemoRequest(
+            f"a paid call: the host's GET /api/quote costs {paid_api.QUOTE_PRICE_USDC} USDC, "
+            f"charged to {DEMO_USER} (see X-Credits-Charged and X-Credits-Balance)",
+            "GET",
+            "/api/quote",
+            {"Authorization": f"Bearer {user}"},
+            show_headers=True,
+        ),
+        DemoRequest(
+            f"a paid call that lowers its price: GET /api/echo holds "
+            f"{paid_api.ECHO_PRICE_USDC} USDC, a short text costs "
+            f"{paid_api.ECHO_SHORT_PRICE_USDC} (set_final_price)",
+            "GET",
+            "/api/echo?text=hello",
+            {"Authorization": f"Bearer {user}"},
+            show_headers=True,
+        ),
+        DemoRequest(
             f"{DEMO_USER}'s transaction history",
             "GET",
             "/api/billing/credits/transactions",
@@ -144,12 +168,33 @@ def demo_requests(app: Flask) -> list[DemoRequest]:
     ]
 
 
+def billing_page_links(app: Flask, base_url: str) -> dict[str, str]:
+    """The billing page's DEMO-ONLY sign-in links, by user: the demo has no
+    login, so each link carries a token that the page keeps for the tab."""
+    with app.test_request_context(base_url=base_url):
+        tokens = {
+            DEMO_USER: _token(DEMO_USER),
+            DEMO_ADMIN: _token(DEMO_ADMIN, app.config["CREDITS_ADMIN_SCOPE"]),
+        }
+        return {
+            user: url_for("billing_page.page", token=token, _external=True)
+            for user, token in tokens.items()
+        }
+
+
 def print_quickstart(app: Flask, base_url: str) -> list[DemoRequest]:
-    """Print the curl commands; return the requests they stand for."""
+    """Print the billing page's links, then the curl commands; return the
+    requests the commands stand for."""
     requests = demo_requests(app)
+    links = billing_page_links(app, base_url)
     print(f"\ncallora-credits demo on {base_url} (tokens valid {TOKEN_LIFETIME.days} days)")
     if app.config["JWT_SECRET_KEY"] == DEMO_JWT_SECRET_KEY:
         print("(signed with the public demo JWT key: set JWT_SECRET_KEY for anything real)")
+    print("\n# the billing page (demo-only sign-in links: open one in a browser)")
+    width = max(len(user) for user in links)
+    for user, link in links.items():
+        role = " (admin: can top up)" if user == DEMO_ADMIN else ""
+        print(f"{user + ':':<{width + 1}} {link}{role}")
     for request in requests:
         print(f"\n# {request.title}\n{request.curl(base_url)}")
     print()

@@ -253,8 +253,24 @@ def test_demo_prints_commands_that_work(example, make_host_app, tmp_path, capsys
     charge = results[("POST", "/api/billing/credits/charge", "")]
     assert charge.status_code == 201, charge.get_data(as_text=True)
     assert charge.json["balance_after_usdc"] == "98.7500000"
+    # The host's paid endpoints (@charge_credits), on alice's token.
+    quote = results[("GET", "/api/quote", "")]
+    assert quote.status_code == 200, quote.get_data(as_text=True)
+    assert quote.headers["X-Credits-Charged"] == "0.0100000"
+    assert quote.headers["X-Credits-Balance"] == "98.7400000"
+    echo = results[("GET", "/api/echo", "text=hello")]
+    assert echo.status_code == 200, echo.get_data(as_text=True)
+    assert echo.json == {"text": "hello"}
+    assert echo.headers["X-Credits-Charged"] == "0.0040000"  # set_final_price
+    assert echo.headers["X-Credits-Balance"] == "98.7360000"
     history = results[("GET", "/api/billing/credits/transactions", "")]
     assert history.status_code == 200, history.get_data(as_text=True)
+    assert [entry["type"] for entry in history.json["data"]] == [
+        "hold_capture",
+        "hold_capture",
+        "charge",
+        "topup",
+    ]
     openapi = results[("GET", "/api/billing/openapi.json", "")]
     assert openapi.status_code == 200
     assert openapi.json["openapi"].startswith("3.1")

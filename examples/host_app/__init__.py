@@ -13,6 +13,10 @@ with Flask-Migrate from ``examples/host_migrations`` (``flask db …``), and the
 library's, shipped in the package (``flask credits db …``), each with its own
 version table. ``include_name`` keeps the host's autogenerate off the
 library's tables.
+
+Beside its own ``/api/projects``, the host has paid endpoints made with
+``@charge_credits`` (``paid_api.py``: ``/api/quote``, ``/api/echo``) and a
+billing page over the credits API (``billing_page.py``: ``/billing``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from flask_migrate import Migrate
 import callora_credits
 from callora_credits import credits_bp
 
+from . import billing_page, paid_api
 from .models import Project, db
 
 __all__ = [
@@ -61,6 +66,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     JWTManager(app)
     Migrate(app, db, directory=str(MIGRATIONS_DIR), include_name=callora_credits.include_name)
     app.register_blueprint(credits_bp, url_prefix="/api/billing")
+    app.register_blueprint(paid_api.bp)
+    app.register_blueprint(billing_page.bp)
 
     @app.get("/api/projects")
     @jwt_required()

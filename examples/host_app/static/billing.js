@@ -1,0 +1,403 @@
+// The billing page: reads the credits API with the signed-in user's token.
+// Vanilla JS, no build step. Amounts stay decimal strings end to end: no
+// number ever touches money here either.
+
+const TOKEN_KEY = "callora-credits-demo.token";
+const root = document.getElementById("billing");
+const urls = {
+  balance: root.dataset.balanceUrl,
+  transactions: root.dataset.transactionsUrl,
+  topup: root.dataset.topupUrl,
+  chart: root.dataset.chartUrl,
+  paid: root.dataset.paidUrl,
+};
+const pageSize = Number(root.dataset.pageSize) || 20;
+const $ = (id) => document.getElementById(id);
+
+// --- readable errors ----------------------------------------------------------
+
+const SIGN_IN_AGAIN =
+  "Your sign-in link is not valid. Run make demo and open one of the links it prints.";
+const MESSAGES = {
+  INSUFFICIENT_CREDITS: "Not enough credits for this call.",
+  UNAUTHORIZED: SIGN_IN_AGAIN,
+  INVALID_AUTH_HEADER: SIGN_IN_AGAIN,
+  MISSING_TOKEN: SIGN_IN_AGAIN,
+  INVALID_TOKEN: SIGN_IN_AGAIN,
+  MISSING_CLAIMS: SIGN_IN_AGAIN,
+  TOKEN_NOT_ACTIVE: SIGN_IN_AGAIN,
+  TOKEN_EXPIRED: "Your sign-in link has expired. Run make demo for a fresh one.",
+  FORBIDDEN: "Your account is not allowed to do that.",
+  NOT_FOUND: "That was not found.",
+  PAYLOAD_TOO_LARGE: "That request is too large.",
+  BALANCE_LIMIT_EXCEEDED: "That top-up would take the balance over its limit.",
+  DUPLICATE_REFERENCE: "That payment has already been credited.",
+  IDEMPOTENCY_IN_PROGRESS: "That request is still being processed. Try again in a moment.",
+  IDEMPOTENCY_CONFLICT: "That request clashes with an earlier one. Please try again.",
+  INTERNAL_SERVER_ERROR: "Something went wrong on our side. Please try again.",
+};
+const FIELD_NAMES = { amount_usdc: "Amount", user_id: "User id", cursor: "Page" };
+const NETWORK_ERROR = "Could not reach the server. Check your connection and try again.";
+
+class ApiError extends Error {
+  constructor(message, { status = 0, code = null, requestId = null, retryable = false } = {}) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.requestId = requestId;
+    this.retryable = retryable;
+  }
+}
+
+// The API's details are sentences ("Amount must be greater than zero."); name
+// the field when the sentence does not.
+function validationMessage(detail) {
+  if (!detail || typeof detail.message !== "string") return "Please check what you entered.";
+  const label = FIELD_NAMES[detail.field] || "Input";
+  const sentence = detail.message.endsWith(".") ? detail.message : `${detail.message}.`;
+  return sentence.startsWith(label) ? sentence : `${label}: ${sentence}`;
+}
+
+function readableError(status, payload) {
+  const code = payload && typeof payload.code === "string" ? payload.code : null;
+  let message;
+  if (code === "VALIDATION_ERROR") {
+    message = validationMessage(Array.isArray(payload.details) ? payload.details[0] : null);
+  } else if (code && MESSAGES[code]) {
+    message = MESSAGES[code];
+  } else if (status === 401 || status === 422) {
+    message = SIGN_IN_AGAIN; // Flask-JWT-Extended's own errors on host routes
+  } else if (status === 403) {
+    message = MESSAGES.FORBIDDEN;
+  } else if (status >= 500) {
+    message = MESSAGES.INTERNAL_SERVER_ERROR;
+  } else {
+    message = `The request failed (HTTP ${status}).`;
+  }
+  if (status >= 500 && payload && payload.requestId) {
+    message += ` (Reference: ${payload.requestId})`;
+  }
+  return message;
+}
+
+// --- the token (demo-only sign-in) ------------------------------------------------
+
+function takeToken() {
+  const params = new URLSearchParams(window.location.search);
+  const fromUrl = params.get("token");
+  if (fromUrl) {
+    sessionStorage.setItem(TOKEN_KEY, fromUrl);
+    params.delete("token");
+    const query = params.toString();
+    // Out of the address bar, the history and any bookmark.
+    history.replaceState(null, "", window.location.pathname + (query ? `?${query}` : ""));
+  }
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+// Only to choose what to show: the server checks the token on every call.
+function claimsOf(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "=")));
+  } catch {
+    return {};
+  }
+}
+
+function hasScope(claims, scope) {
+  const value = claims[root.dataset.scopeClaim];
+  const scopes = typeof value === "string" ? value.split(/\s+/) : Array.isArray(value) ? value : [];
+  return scopes.includes(scope);
+}
+
+const token = takeToken();
+const claims = token ? claimsOf(token) : {};
+const me = typeof claims.sub === "string" ? claims.sub : null;
+const isAdmin = hasScope(claims, root.dataset.adminScope);
+let shownUser = me; // whose balance, chart and history are on the page
+
+// --- API calls ------------------------------------------------------------------
+
+async function api(url, { method = "GET", body, headers = {} } = {}) {
+  const init = { method, cache: "no-store", headers: { Authorization: `Bearer ${token}`, ...headers } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(url, init);
+  } catch {
+    throw new ApiError(NETWORK_ERROR, { retryable: true });
+  }
+  if (response.ok) return response;
+  let payload = null;
+  try {
+    payload = await response.json();
+  } catch {
+    // Not JSON (a proxy's error page): the status says enough.
+  }
+  throw new ApiError(readableError(response.status, payload), {
+    status: response.status,
+    code: payload && payload.code,
+    requestId: payload && payload.requestId,
+  });
+}
+
+function withUser(url, extra = {}) {
+  const params = new URLSearchParams(extra);
+  if (shownUser && shownUser !== me) params.set("user_id", shownUser);
+  const query = params.toString();
+  return query ? `${url}?${query}` : url;
+}
+
+// --- formatting (strings in, strings out) -----------------------------------------
+
+// "98.7500000" -> "98.75"; keeps every significant decimal, at least two.
+function usdc(value) {
+  const negative = value.startsWith("-");
+  const [whole, fraction = ""] = value.replace(/^[-+]/, "").split(".");
+  const digits = fraction.replace(/0+$/, "").padEnd(2, "0");
+  const grouped = whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+  return `${negative ? "-" : ""}${grouped}.${digits}`;
+}
+
+function signedUsdc(value) {
+  return value.startsWith("-") ? `−${usdc(value).slice(1)}` : `+${usdc(value)}`;
+}
+
+const TYPE_LABELS = {
+  topup: "Top-up",
+  charge: "Charge",
+  refund: "Refund",
+  hold_capture: "Paid call",
+  adjustment: "Adjustment",
+};
+
+function dateTime(iso) {
+  const date = new Date(iso);
+  return Number.isNaN(date.getTime())
+    ? iso
+    : date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
+function details(entry) {
+  const metadata = entry.metadata || {};
+  return entry.description || entry.reference || metadata.path || metadata.reason || "";
+}
+
+// --- the page's parts --------------------------------------------------------------
+
+function showNotice(message) {
+  const notice = $("notice");
+  notice.textContent = message;
+  notice.hidden = !message;
+}
+
+function setText(id, message, kind = "") {
+  const element = $(id);
+  element.textContent = message;
+  element.dataset.kind = kind;
+}
+
+async function loadBalance() {
+  const figures = document.querySelector(".figures");
+  figures.setAttribute("aria-busy", "true");
+  try {
+    const balance = await (await api(withUser(urls.balance))).json();
+    $("balance").textContent = usdc(balance.balance_usdc);
+    $("held").textContent = usdc(balance.held_usdc);
+    $("available").textContent = usdc(balance.available_usdc);
+    $("balance").dataset.value = balance.balance_usdc;
+  } finally {
+    figures.setAttribute("aria-busy", "false");
+  }
+}
+
+async function loadChart() {
+  const figure = $("chart");
+  figure.setAttribute("aria-busy", "true");
+  try {
+    const text = await (await api(withUser(urls.chart))).text();
+    const svg = new DOMParser().parseFromString(text, "image/svg+xml").documentElement;
+    if (svg.nodeName !== "svg") throw new ApiError("The chart could not be drawn.");
+    figure.replaceChildren(document.importNode(svg, true));
+  } catch (error) {
+    const message = document.createElement("p");
+    message.className = "hint";
+    message.textContent = error.message;
+    figure.replaceChildren(message);
+  } finally {
+    figure.setAttribute("aria-busy", "false");
+  }
+}
+
+let nextCursor = null;
+
+function historyRow(entry) {
+  const row = document.createElement("tr");
+  row.dataset.seq = entry.seq;
+  const cells = [
+    [String(entry.seq), "seq"],
+    [dateTime(entry.created_at), "when"],
+    [TYPE_LABELS[entry.type] || entry.type, ""],
+    [details(entry), "details"],
+    [signedUsdc(entry.amount_usdc), `num ${entry.amount_usdc.startsWith("-") ? "debit" : "credit"}`],
+    [usdc(entry.balance_after_usdc), "num"],
+  ];
+  for (const [text, className] of cells) {
+    const cell = document.createElement("td");
+    cell.textContent = text;
+    if (className) cell.className = className;
+    row.append(cell);
+  }
+  row.children[1].title = entry.created_at;
+  return row;
+}
+
+async function loadHistory({ reset = false } = {}) {
+  const rows = $("history-rows");
+  const more = $("load-more");
+  more.disabled = true;
+  try {
+    const extra = { limit: String(pageSize) };
+    if (!reset && nextCursor) extra.cursor = nextCursor;
+    const page = await (await api(withUser(urls.transactions, extra))).json();
+    if (reset) rows.replaceChildren();
+    rows.append(...page.data.map(historyRow));
+    nextCursor = page.next_cursor;
+    more.hidden = !nextCursor;
+    $("history-empty").hidden = rows.children.length > 0;
+    setText("history-status", reset ? "" : `Showing ${rows.children.length} entries.`);
+  } finally {
+    more.disabled = false;
+  }
+}
+
+async function refresh() {
+  $("account-name").textContent = shownUser && shownUser !== me ? `· ${shownUser}` : "";
+  const results = await Promise.allSettled([loadBalance(), loadChart(), loadHistory({ reset: true })]);
+  const failed = results.find((result) => result.status === "rejected");
+  showNotice(failed ? failed.reason.message : "");
+}
+
+// --- actions -----------------------------------------------------------------------
+
+async function tryPaidCall() {
+  const button = $("paid-call");
+  button.disabled = true;
+  setText("paid-result", "Calling…");
+  try {
+    const response = await api(urls.paid);
+    const body = await response.json();
+    const charged = response.headers.get("X-Credits-Charged");
+    setText(
+      "paid-result",
+      `Charged ${charged ? usdc(charged) : "?"} USDC. “${body.quote}”`,
+      "success",
+    );
+  } catch (error) {
+    setText("paid-result", error.message, "error");
+  } finally {
+    button.disabled = false;
+  }
+  if (shownUser === me) await refresh();
+}
+
+function newIdempotencyKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  // Pages served over plain http from a non-loopback host lack randomUUID.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+// A fresh key per top-up, but the same one when the very same top-up is sent
+// again after the network failed: if the first one did land, it is replayed
+// instead of crediting twice.
+let pendingTopUp = null;
+
+async function topUp(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const userId = form.elements.user_id.value.trim();
+  const amount = form.elements.amount_usdc.value.trim();
+  const fingerprint = JSON.stringify([userId, amount]);
+  if (!pendingTopUp || pendingTopUp.fingerprint !== fingerprint) {
+    pendingTopUp = { fingerprint, key: newIdempotencyKey() };
+  }
+  const submit = form.querySelector("button[type=submit]");
+  submit.disabled = true;
+  setText("topup-result", "Topping up…");
+  try {
+    const response = await api(urls.topup, {
+      method: "POST",
+      headers: { "Idempotency-Key": pendingTopUp.key },
+      body: { user_id: userId, amount_usdc: amount, description: "Top-up from the billing page" },
+    });
+    const entry = await response.json();
+    pendingTopUp = null;
+    setText(
+      "topup-result",
+      `Added ${usdc(entry.amount_usdc)} USDC to ${entry.user_id}. ` +
+        `New balance: ${usdc(entry.balance_after_usdc)} USDC.`,
+      "success",
+    );
+    form.elements.amount_usdc.value = "";
+    shownUser = entry.user_id;
+    $("account-user").value = entry.user_id;
+    await refresh();
+  } catch (error) {
+    if (!error.retryable) pendingTopUp = null;
+    setText("topup-result", error.message, "error");
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+async function showAccount(event) {
+  event.preventDefault();
+  shownUser = event.currentTarget.elements.user_id.value.trim() || me;
+  $("topup-user").value = shownUser;
+  await refresh();
+}
+
+async function loadMore() {
+  try {
+    await loadHistory();
+  } catch (error) {
+    setText("history-status", error.message, "error");
+  }
+}
+
+function signOut() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  window.location.replace(window.location.pathname);
+}
+
+// --- start ---------------------------------------------------------------------------
+
+function start() {
+  if (!token) {
+    showNotice("You are not signed in. Run make demo and open one of the billing links it prints.");
+    for (const section of document.querySelectorAll("#billing > section, #billing .columns")) {
+      section.hidden = true;
+    }
+    return;
+  }
+  $("whoami").textContent = me ? `Signed in as ${me}${isAdmin ? " (admin)" : ""}` : "Signed in";
+  $("sign-out").hidden = false;
+  $("sign-out").addEventListener("click", signOut);
+  $("paid-call").addEventListener("click", tryPaidCall);
+  $("load-more").addEventListener("click", loadMore);
+  if (isAdmin) {
+    $("admin").hidden = false;
+    $("account-user").value = me || "";
+    $("topup-user").value = me || "";
+    $("account-form").addEventListener("submit", showAccount);
+    $("topup-form").addEventListener("submit", topUp);
+  }
+  refresh();
+}
+
+start();

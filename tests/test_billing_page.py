@@ -1,0 +1,310 @@
+"""The example's billing page, its chart and its paid endpoints, without a browser.
+
+``/billing`` is a server-rendered shell whose script calls the credits API;
+``/billing/chart.svg`` draws the balance from ``current_ledger().history()``;
+``/api/quote`` and ``/api/echo`` are host routes made paid with
+``@charge_credits``. The browser side is in test_browser.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+from xml.etree import ElementTree
+
+import pytest
+from conftest import ADMIN, ADMIN_SCOPE, SECRET, Databases
+from flask import Flask
+
+from callora_credits import current_ledger
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+BASE_URL = "http://127.0.0.1:5000"
+SVG = "{http://www.w3.org/2000/svg}"
+U = 10_000_000
+
+
+@pytest.fixture(scope="module")
+def example() -> Iterator[SimpleNamespace]:
+    """The example's modules, imported the way `python examples/demo.py` does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(EXAMPLES_DIR))
+        yield SimpleNamespace(
+            host_app=importlib.import_module("host_app"),
+            demo=importlib.import_module("demo"),
+        )
+
+
+@pytest.fixture
+def host(example: SimpleNamespace, databases: Databases, engine_name: str) -> Iterator[Flask]:
+    """The example host app on the session's migrated database for the engine.
+
+    The billing page and the paid routes use only the library's tables, which
+    that database has; test users are unique, so tests share it.
+    """
+    app: Flask = example.host_app.create_app(
+        {
+            "TESTING": True,
+            "SQLALCHEMY_DATABASE_URI": databases.url(engine_name),
+            "JWT_SECRET_KEY": SECRET,
+        }
+    )
+    yield app
+    with app.app_context():
+        example.host_app.db.engine.dispose()
+
+
+def _top_up(app: Flask, user_id: str, units: int) -> None:
+    with app.app_context():
+        current_ledger().top_up(user_id, units)
+
+
+def _charge(app: Flask, user_id: str, units: int) -> None:
+    with app.app_context():
+        current_ledger().charge(user_id, units)
+
+
+def _balance_units(app: Flask, user_id: str) -> int:
+    with app.app_context():
+        balance = current_ledger().find_by_user_id(user_id)
+    return 0 if balance is None else balance.balance_units
+
+
+def _svg(response: Any) -> ElementTree.Element:
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.mimetype == "image/svg+xml"
+    # Our own server's output, parsed to check that it is well-formed SVG.
+    return ElementTree.fromstring(response.get_data(as_text=True))  # noqa: S314
+
+
+def _by_class(svg: ElementTree.Element, tag: str, css_class: str) -> list[ElementTree.Element]:
+    return [node for node in svg.iter(f"{SVG}{tag}") if node.get("class") == css_class]
+
+
+# --- the page -------------------------------------------------------------------
+
+
+def test_page_renders_its_containers(host):
+    response = host.test_client().get("/billing")
+
+    assert response.status_code == 200
+    assert response.mimetype == "text/html"
+    html = response.get_data(as_text=True)
+    for element_id in (
+        "balance",
+        "held",
+        "available",
+        "chart",
+        "history-rows",
+        "load-more",
+        "paid-call",
+        "paid-result",
+        "topup-form",
+        "notice",
+    ):
+        assert f'id="{element_id}"' in html, element_id
+    # The admin panel starts hidden: the script shows it for an admin token.
+    assert re.search(r'<section id="admin"[^>]* hidden>', html)
+    # The script finds every URL it calls in data attributes.
+    assert 'data-balance-url="/api/billing/credits"' in html
+    assert 'data-transactions-url="/api/billing/credits/transactions"' in html
+    assert 'data-topup-url="/api/billing/credits/topup"' in html
+    assert 'data-chart-url="/billing/chart.svg"' in html
+    assert 'data-paid-url="/api/quote"' in html
+    assert 'data-admin-scope="credits:admin"' in html
+    # Scripts and styles from this origin only; the sign-in token in the URL
+    # never leaves as a Referer.
+    csp = response.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+
+
+def test_page_assets_are_served(host):
+    client = host.test_client()
+    script = client.get("/static/billing.js")
+    assert script.status_code == 200
+    assert "javascript" in script.mimetype
+    text = script.get_data(as_text=True)
+    assert '"Not enough credits for this call."' in text
+    assert "Idempotency-Key" in text
+    assert "sessionStorage" in text
+    style = client.get("/static/billing.css")
+    assert style.status_code == 200
+    assert style.mimetype == "text/css"
+    script.close()
+    style.close()
+
+
+# --- the chart ------------------------------------------------------------------
+
+
+def test_chart_draws_the_balance_after_each_entry(host, user_id, auth):
+    _top_up(host, user_id, 100 * U)
+    _charge(host, user_id, 25 * U)
+    _charge(host, user_id, 25 * U)
+
+    svg = _svg(host.test_client().get("/billing/chart.svg", headers=auth(user_id)))
+
+    assert svg.tag == f"{SVG}svg"
+    assert svg.get("data-points") == "4"
+    assert svg.get("data-last-balance") == str(50 * U)
+    # From 0 before the top-up, up to 100, then 75 and 50: x evenly spaced on
+    # the plot (72..624), y from the top (16, = 100 USDC) to the axis (188, = 0).
+    (line,) = _by_class(svg, "path", "balance-line")
+    assert line.get("d") == "M72.00,188.00 L256.00,16.00 L440.00,59.00 L624.00,102.00"
+    (area,) = _by_class(svg, "path", "balance-area")
+    assert area.get("d", "").startswith(line.get("d", "") + " L624.00,188")
+    assert svg.find(f"{SVG}title") is not None
+    desc = svg.find(f"{SVG}desc")
+    assert desc is not None
+    assert desc.text == "Over the last 3 entries the balance went from 0.00 to 50.00 USDC."
+    labels = [node.text for node in svg.iter(f"{SVG}text")]
+    assert "100.00" in labels
+
+
+def test_chart_starts_from_the_balance_before_its_oldest_entry(example, host, user_id):
+    _top_up(host, user_id, 100 * U)
+    _charge(host, user_id, 40 * U)
+    _charge(host, user_id, 20 * U)
+    with host.app_context():
+        newest_two = current_ledger().history(user_id, limit=2).entries
+
+    chart = example.host_app.billing_page.build_chart(user_id, newest_two)
+
+    # The window holds the two charges; it starts at 100, the top-up's result.
+    assert chart.balances == [100 * U, 60 * U, 40 * U]
+    assert [y for _, y in chart.points] == ["16.00", "84.80", "119.20"]
+
+
+def test_chart_of_a_new_user_says_there_is_nothing_yet(host, user_id, auth):
+    svg = _svg(host.test_client().get("/billing/chart.svg", headers=auth(user_id)))
+
+    assert svg.get("data-points") == "0"
+    assert _by_class(svg, "path", "balance-line") == []
+    assert [node.text for node in _by_class(svg, "text", "empty")] == ["No activity yet"]
+
+
+def test_chart_follows_the_api_rules_on_whose_data(host, user_id, auth):
+    client = host.test_client()
+    _top_up(host, user_id, 5 * U)
+
+    assert client.get("/billing/chart.svg").status_code == 401
+    other = client.get(f"/billing/chart.svg?user_id={user_id}", headers=auth("someone_else"))
+    assert other.status_code == 403
+    assert other.json["code"] == "FORBIDDEN"
+    too_long = client.get("/billing/chart.svg?user_id=" + "x" * 129, headers=auth(ADMIN))
+    assert too_long.status_code == 400
+    assert too_long.json["code"] == "VALIDATION_ERROR"
+
+    admin = auth(ADMIN, scopes=ADMIN_SCOPE)
+    svg = _svg(client.get(f"/billing/chart.svg?user_id={user_id}", headers=admin))
+    title = svg.find(f"{SVG}title")
+    assert title is not None
+    assert title.text == f"Balance of {user_id} over time"
+    assert svg.get("data-last-balance") == str(5 * U)
+
+
+# --- the paid endpoints ---------------------------------------------------------
+
+
+def test_quote_is_a_paid_call(host, user_id, auth):
+    _top_up(host, user_id, U // 50)  # 0.02 USDC: two quotes
+    client = host.test_client()
+
+    first = client.get("/api/quote", headers=auth(user_id))
+    assert first.status_code == 200, first.get_data(as_text=True)
+    assert first.json["quote"]
+    assert first.headers["X-Credits-Charged"] == "0.0100000"
+    assert first.headers["X-Credits-Balance"] == "0.0100000"
+    assert client.get("/api/quote", headers=auth(user_id)).status_code == 200
+
+    broke = client.get("/api/quote", headers=auth(user_id))
+    assert broke.status_code == 402
+    assert broke.json["code"] == "INSUFFICIENT_CREDITS"
+    assert broke.json["requestId"] == broke.headers["X-Request-Id"]
+    assert _balance_units(host, user_id) == 0
+    assert client.get("/api/quote").status_code == 401
+
+
+def test_echo_lowers_its_price_for_short_texts(host, user_id, auth):
+    _top_up(host, user_id, U)
+    client = host.test_client()
+
+    short = client.get("/api/echo?text=hello", headers=auth(user_id))
+    assert short.status_code == 200
+    assert short.json == {"text": "hello"}
+    assert short.headers["X-Credits-Charged"] == "0.0040000"
+
+    long = client.get("/api/echo", query_string={"text": "x" * 40}, headers=auth(user_id))
+    assert long.status_code == 200
+    assert long.headers["X-Credits-Charged"] == "0.0100000"
+
+    # A refused request releases its hold: nothing is charged.
+    empty = client.get("/api/echo", headers=auth(user_id))
+    assert empty.status_code == 400
+    assert empty.headers["X-Credits-Charged"] == "0.0000000"
+    assert _balance_units(host, user_id) == U - 40_000 - 100_000
+    with host.app_context():
+        balance = current_ledger().find_by_user_id(user_id)
+    assert balance is not None
+    assert balance.held_units == 0
+
+
+# --- make demo ------------------------------------------------------------------
+
+
+def test_demo_prints_the_billing_page_first(example, tmp_path, capsys):
+    demo = example.demo
+    app = example.host_app.create_app(
+        {"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'demo.sqlite3'}"}
+    )
+    try:
+        demo.apply_migrations(app)
+        demo.seed_balance(app)
+        demo.print_quickstart(app, BASE_URL)
+
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+        first_url = next(index for index, line in enumerate(lines) if "http" in line.split()[-1])
+        links = {}
+        for line in lines[first_url:]:
+            if line.startswith(("#", "curl ")):
+                break
+            user, url = line.split()[:2]
+            links[user.rstrip(":")] = url
+        assert list(links) == [demo.DEMO_USER, demo.DEMO_ADMIN]
+        assert lines[first_url - 1].startswith("# the billing page")
+        # Nothing before the links but the banner.
+        assert not any(line.startswith("curl ") for line in lines[:first_url])
+
+        client = app.test_client()
+        tokens = {}
+        for user, url in links.items():
+            parts = urlsplit(url)
+            assert f"{parts.scheme}://{parts.netloc}" == BASE_URL
+            assert parts.path == "/billing"
+            (tokens[user],) = parse_qs(parts.query)["token"]
+            page = client.get(parts.path, query_string=parts.query)
+            assert page.status_code == 200
+            # Nothing a terminal would cut a clickable link at.
+            assert re.fullmatch(r"[A-Za-z0-9:/._?=~-]+", url), url
+
+        mine = client.get(
+            "/api/billing/credits", headers={"Authorization": f"Bearer {tokens[demo.DEMO_USER]}"}
+        )
+        assert mine.status_code == 200
+        assert mine.json["user_id"] == demo.DEMO_USER
+        assert mine.json["balance_usdc"] == "100.0000000"
+        theirs = client.get(
+            f"/api/billing/credits?user_id={demo.DEMO_USER}",
+            headers={"Authorization": f"Bearer {tokens[demo.DEMO_ADMIN]}"},
+        )
+        assert theirs.status_code == 200, "the admin link can read (and top up) others"
+    finally:
+        with app.app_context():
+            example.host_app.db.engine.dispose()
