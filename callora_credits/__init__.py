@@ -9,6 +9,8 @@ from __future__ import annotations
 from . import cli as _cli  # noqa: F401  (registers `flask credits`)
 from . import signals as signals
 from . import views as _views  # noqa: F401  (registers the routes)
+from .auth import Caller as Caller
+from .auth import current_caller as current_caller
 from .blueprint import credits_bp as credits_bp
 from .errors import CreditsError as CreditsError
 from .extension import current_ledger as current_ledger
@@ -27,12 +29,14 @@ from .money import parse_amount as parse_amount
 __all__ = [
     "UNITS_PER_USDC",
     "Balance",
+    "Caller",
     "CreditsError",
     "Entry",
     "Hold",
     "Ledger",
     "charge_credits",
     "credits_bp",
+    "current_caller",
     "current_ledger",
     "format_units",
     "include_name",

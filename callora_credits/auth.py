@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import jwt
-from flask import current_app
+from flask import current_app, request
 from flask_jwt_extended import decode_token
 from flask_jwt_extended.exceptions import JWTExtendedException
 from flask_jwt_extended.internal_utils import (
@@ -25,10 +25,10 @@ from flask_jwt_extended.internal_utils import (
 from jwt.exceptions import InvalidSubjectError
 from werkzeug.datastructures import Headers
 
-from .config import CreditsConfig
+from .config import CreditsConfig, config
 from .errors import Forbidden, Unauthorized
 
-__all__ = ["Caller", "authenticate", "valid_identity"]
+__all__ = ["Caller", "authenticate", "current_caller", "valid_identity"]
 
 USER_ID_HEADER = "X-User-Id"
 MAX_IDENTITY_LENGTH = 128
@@ -154,3 +154,14 @@ def authenticate(headers: Headers, cfg: CreditsConfig) -> Caller:
                 raise Unauthorized("X-User-Id must be 1-128 printable characters")
             return Caller(user_id, frozenset(), "header")
     raise Unauthorized()
+
+
+def current_caller() -> Caller:
+    """The caller of the current request, resolved exactly as the blueprint does.
+
+    For host routes that need the same identity and scopes (a page, a report).
+    Raises :class:`~callora_credits.errors.Unauthorized` (a
+    :class:`~callora_credits.errors.CreditsError` with ``status`` and
+    ``body()``) when there is none.
+    """
+    return authenticate(request.headers, config())

@@ -433,3 +433,21 @@ def test_non_admin_scope_cannot_use_user_id(client, app, auth, user_id, scopes):
     )
     assert_error(response, 403, "FORBIDDEN")
     assert account_count(app, user_id) == 0
+
+
+def test_current_caller_for_host_routes(app, client, auth):
+    from callora_credits import current_caller
+    from callora_credits.errors import CreditsError
+
+    @app.get("/whoami")
+    def whoami():
+        try:
+            caller = current_caller()
+        except CreditsError as error:
+            return error.body("req"), error.status
+        return {"user_id": caller.user_id, "scopes": sorted(caller.scopes)}
+
+    ok = client.get("/whoami", headers=auth("carol", scopes="credits:admin"))
+    assert ok.json == {"user_id": "carol", "scopes": ["credits:admin"]}
+    denied = client.get("/whoami")
+    assert (denied.status_code, denied.json["code"]) == (401, "UNAUTHORIZED")
