@@ -105,9 +105,10 @@ def history(user_id: str, limit: int) -> None:
 
 
 @cli.command("reconcile")
-def reconcile() -> None:
+@click.option("--user", "user_id", default=None, help="Check only this user.")
+def reconcile(user_id: str | None) -> None:
     """Check every balance against its ledger; exit 1 on any mismatch."""
-    report = current_ledger().reconcile()
+    report = current_ledger().reconcile(user_id)
     for mismatch in report.mismatches:
         click.echo(f"MISMATCH {mismatch.user_id}: {mismatch.problem}", err=True)
     click.echo(

@@ -587,12 +587,14 @@ class Ledger:
 
         return self._run(work, session, write=False)
 
-    def reconcile(self) -> ReconcileReport:
-        """Check every account against its ledger.
+    def reconcile(self, user_id: str | None = None) -> ReconcileReport:
+        """Check every account (or only ``user_id``'s) against its ledger.
 
         Each balance must equal the sum of its entries, each ``seq`` chain
         must run 1, 2, 3… to the account's ``last_seq``, and each entry's
-        ``balance_after`` must be the previous one plus its amount.
+        ``balance_after`` must be the previous one plus its amount. Reads one
+        snapshot (REPEATABLE READ on PostgreSQL), so it can run beside live
+        traffic.
         """
         report = ReconcileReport()
         a, t = store.accounts, store.entries
@@ -610,7 +612,14 @@ class Ledger:
         chain = select(t.c.user_id, t.c.seq, t.c.amount_units, t.c.balance_after_units).order_by(
             t.c.user_id, t.c.seq
         )
-        with self.engine.connect() as conn:
+        if user_id is not None:
+            totals = totals.where(a.c.user_id == user_id)
+            chain = chain.where(t.c.user_id == user_id)
+        with self.engine.connect() as plain:
+            conn = plain
+            if plain.dialect.name == "postgresql":
+                conn = plain.execution_options(isolation_level="REPEATABLE READ")
+            conn.begin()
             known: set[str] = set()
             for row in conn.execute(totals):
                 report.accounts += 1

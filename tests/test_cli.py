@@ -33,18 +33,18 @@ def test_reconcile_reports_a_tampered_balance(app, user_id):
         ledger = current_ledger()
         ledger.top_up(user_id, 50)
         ledger.charge(user_id, 20)
-        assert ledger.reconcile().ok
-    clean = runner.invoke(args=["credits", "reconcile"])
+        assert ledger.reconcile(user_id).ok
+    clean = runner.invoke(args=["credits", "reconcile", "--user", user_id])
     assert clean.exit_code == 0, clean.output
     with app.app_context():
         engine = app.extensions["sqlalchemy"].engine
         with engine.begin() as conn:
             t = Account.__table__
             conn.execute(sa.update(t).where(t.c.user_id == user_id).values(balance_units=31))
-        report = current_ledger().reconcile()
+        report = current_ledger().reconcile(user_id)
         assert not report.ok
         assert {m.user_id for m in report.mismatches} == {user_id}
-        dirty = runner.invoke(args=["credits", "reconcile"])
+        dirty = runner.invoke(args=["credits", "reconcile", "--user", user_id])
         assert dirty.exit_code == 1
         assert user_id in dirty.output
         with engine.begin() as conn:

@@ -129,7 +129,7 @@ def test_resolving_twice_and_capturing_more_are_refused(app, user_id):
         zero = ledger.hold(user_id, 1 * U)
         assert ledger.capture(zero.id, 0).status == "released"
         assert ledger.find_by_user_id(user_id).balance_units == 8 * U
-        assert ledger.reconcile().ok
+        assert ledger.reconcile(user_id).ok
 
 
 def test_expiry_frees_available_without_a_sweeper(app, clock, user_id):
@@ -183,7 +183,7 @@ def test_concurrent_captures_and_releases_one_wins(app, user_id):
         ledger = current_ledger()
         expected = 5 * U if wins == ["captured"] else 10 * U
         assert ledger.find_by_user_id(user_id).balance_units == expected
-        assert ledger.reconcile().ok
+        assert ledger.reconcile(user_id).ok
 
 
 def test_holds_http_list_get_and_permissions(app, client, auth, service, user_id):

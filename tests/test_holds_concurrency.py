@@ -84,4 +84,4 @@ def test_mix_of_charges_holds_captures_releases(app, user_id):
         assert captured == -captures
         shown = ledger.find_by_user_id(user_id)
         assert shown.available_units >= 0
-        assert ledger.reconcile().ok
+        assert ledger.reconcile(user_id).ok

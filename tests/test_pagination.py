@@ -69,7 +69,7 @@ def test_walk_a_thousand_entries_while_new_ones_arrive(app, client, auth, user_i
     assert seen == list(range(1000, 0, -1))
     assert pages == 10
     with app.app_context():
-        assert current_ledger().reconcile().ok
+        assert current_ledger().reconcile(user_id).ok
 
 
 @settings(

@@ -82,4 +82,4 @@ def test_a_refused_joined_operation_leaves_nothing_behind(app, user_id):
                 ledger.charge(user_id, 5, session=session)  # balance covers it, holds don't
             session.commit()
         assert ledger.find_by_user_id(user_id).balance_units == 10
-        assert ledger.reconcile().ok
+        assert ledger.reconcile(user_id).ok
