@@ -80,7 +80,8 @@ def valid_identity(value: object) -> bool:
 def _scopes(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
     raw = claims.get(claim)
     if isinstance(raw, str):
-        return frozenset(raw.split())
+        # RFC 6749 §3.3: scope tokens are separated by spaces (U+0020) only.
+        return frozenset(token for token in raw.split(" ") if token)
     if isinstance(raw, list):
         return frozenset(item for item in raw if isinstance(item, str))
     return frozenset()

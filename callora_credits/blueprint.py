@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
-from werkzeug.routing import Map, Rule
+from werkzeug.routing import Map, PathConverter, Rule
 
 from .config import DEFAULTS
 from .errors import (
@@ -41,6 +41,10 @@ log = logging.getLogger("callora_credits")
 credits_bp = Blueprint("credits", __name__, cli_group="credits")
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class AnyPathConverter(PathConverter):
+    regex = r"[^/][\s\S]*?"
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,9 @@ def operation(
 @credits_bp.record_once
 def _setup(setup_state: BlueprintSetupState) -> None:
     app = setup_state.app
+    # Like <path:>, but also matching newlines, so no path under /credits
+    # escapes the JSON 404.
+    app.url_map.converters.setdefault("credits_any", AnyPathConverter)
     for key, value in DEFAULTS.items():
         app.config.setdefault(key, value)
     if "sqlalchemy" not in app.extensions:
@@ -134,6 +141,13 @@ def _setup(setup_state: BlueprintSetupState) -> None:
 
     CreditsConfig(app.config)  # fail now, not on the first request, on a bad limit
     app.extensions[EXTENSION_KEY] = CreditsState()
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so a log line stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
 def request_id() -> str:
@@ -168,16 +182,17 @@ def _finish(response: Response) -> Response:
     response.headers["X-Request-Id"] = request_id()
     started = request.environ.get("callora_credits.started")
     elapsed_ms = (time.perf_counter() - started) * 1000 if started else 0.0
+    path = printable(request.path)
     log.info(
         "%s %s %s %.1fms",
         request.method,
-        request.path,
+        path,
         response.status_code,
         elapsed_ms,
         extra={
             "request_id": request_id(),
             "method": request.method,
-            "path": request.path,
+            "path": path,
             "status": response.status_code,
             "duration_ms": round(elapsed_ms, 1),
             "user_id": request.environ.get("callora_credits.user_id"),
@@ -249,5 +264,5 @@ def _routing_error(rest: str = "") -> Response:
 def register_routing_fallbacks() -> None:
     """Add the catch-all rules; called once, after every real route exists,
     so that the real routes are matched first."""
-    for rule in ("/credits", "/credits/", "/credits/<path:rest>"):
+    for rule in ("/credits", "/credits/", "/credits/<credits_any:rest>"):
         credits_bp.add_url_rule(rule, "routing_error", _routing_error, methods=ALL_METHODS)

@@ -2,7 +2,7 @@
 
 The tables never reference host tables: ``user_id`` is a plain string, so the
 host may keep its users anywhere (or nowhere). Identifier columns compare byte
-for byte on every engine (MariaDB tables use ``utf8mb4_bin``), so ``Alice``
+for byte on every engine (MariaDB tables use ``utf8mb4_nopad_bin``), so ``Alice``
 and ``alice`` are two users.
 
 Timestamps are stored as naive UTC with microseconds (MariaDB ``DATETIME(6)``)
@@ -55,7 +55,7 @@ USER_ID_LENGTH = 128
 ID_LENGTH = 32
 REFERENCE_LENGTH = 255
 
-_MARIADB_TABLE = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+_MARIADB_TABLE = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_nopad_bin"}
 
 
 class Base(DeclarativeBase):

@@ -144,7 +144,16 @@ Reference = Annotated[
     ),
     AfterValidator(_printable),
 ]
-Text = Annotated[str, Field(max_length=500)]
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; no engine gets one, so all behave alike.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, Field(max_length=500), AfterValidator(_no_nul)]
 Metadata = Annotated[
     dict[str, Annotated[str, Field(max_length=500)]],
     Field(max_length=50, description="Flat string to string, at most 50 keys."),
@@ -201,7 +210,7 @@ class ChargeIn(TopUpIn):
 class AdjustmentIn(Strict):
     user_id: UserId
     amount_usdc: SignedAmountIn
-    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    reason: Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_no_nul)]
 
 
 class RefundIn(Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timezone
 from typing import Any
 
 from flask import Response, request
@@ -48,6 +49,14 @@ __all__: list[str] = []
 
 AUTH_ERRORS = (400, 401, 403)
 WRITE_ERRORS = (400, 401, 403, 409, 413, 422)
+
+
+MAX_ID_LENGTH = 64
+
+
+def _known_form(object_id: str) -> bool:
+    """Ids are short and printable; anything else cannot exist, so is a 404."""
+    return len(object_id) <= MAX_ID_LENGTH and object_id.isprintable()
 
 
 class _NoQuery(BaseModel):
@@ -297,6 +306,8 @@ def charge() -> Response:
 )
 def refund(transaction_id: str) -> Response:
     """Give back all or part of a ``charge`` or ``hold_capture`` entry."""
+    if not _known_form(transaction_id):
+        raise NotFound("No such transaction")
     req = _write_request(RefundIn, admin=True)
     body = req.body
     amount = None if body.amount_usdc is None else req.amount(body.amount_usdc)
@@ -324,6 +335,15 @@ def list_transactions() -> Response:
     caller = _caller(cfg)
     query: TransactionsQuery = _query(TransactionsQuery)
     user_id = caller.target_user(query.user_id, cfg)
+    for name in ("since", "until"):
+        value = getattr(query, name)
+        if value is not None and value.tzinfo is not None:
+            try:
+                value.astimezone(timezone.utc)
+            except OverflowError:
+                raise ValidationError(
+                    details=[{"field": name, "message": "Date out of range", "code": "range"}]
+                ) from None
     try:
         page = current_ledger().history(
             user_id,
@@ -348,6 +368,8 @@ def list_transactions() -> Response:
 )
 def get_transaction(transaction_id: str) -> Response:
     """One entry; another user's entry is a 404, so ids cannot be probed."""
+    if not _known_form(transaction_id):
+        raise NotFound("No such transaction")
     cfg = config()
     caller = _caller(cfg)
     _query(_NoQuery)
@@ -452,6 +474,8 @@ def list_holds() -> Response:
 )
 def get_hold(hold_id: str) -> Response:
     """One hold; another user's hold is a 404, so ids cannot be probed."""
+    if not _known_form(hold_id):
+        raise NotFound("No such hold")
     cfg = config()
     caller = _caller(cfg)
     _query(_NoQuery)
@@ -472,6 +496,8 @@ def get_hold(hold_id: str) -> Response:
 )
 def capture_hold(hold_id: str) -> Response:
     """Spend up to the held amount (default: all); the rest is released."""
+    if not _known_form(hold_id):
+        raise NotFound("No such hold")
     req = _write_request(CaptureIn, admin=False)
     body = req.body
     amount = None
@@ -491,6 +517,8 @@ def capture_hold(hold_id: str) -> Response:
 )
 def release_hold(hold_id: str) -> Response:
     """Give the whole reservation back."""
+    if not _known_form(hold_id):
+        raise NotFound("No such hold")
     req = _write_request(ReleaseIn, admin=False)
     return req.run(Release(hold_id, req.caller.user_id))
 
@@ -504,6 +532,7 @@ def release_hold(hold_id: str) -> Response:
 )
 def openapi_document() -> Response:
     """The OpenAPI 3.1 document of every route of the blueprint."""
+    _query(_NoQuery)
     from .openapi import build_document
 
     prefix = request.path[: -len("/openapi.json")]

@@ -60,7 +60,7 @@ def _create_database(name: str, tmp_dir: Path) -> str:
     with admin.connect() as conn:
         if name == "mysql":
             conn.exec_driver_sql(
-                f"CREATE DATABASE {db_name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                f"CREATE DATABASE {db_name} CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
             )
         else:
             conn.exec_driver_sql(f"CREATE DATABASE {db_name}")

@@ -269,14 +269,14 @@ def test_mariadb_columns_keep_microseconds_and_compare_binary(empty_engine, engi
             conn.exec_driver_sql(f"ALTER DATABASE `{database}` COLLATE {default}")
 
     collations = {name: collation for name, collation in tables if name in DATA_TABLES}
-    assert collations == dict.fromkeys(DATA_TABLES, "utf8mb4_bin")
+    assert collations == dict.fromkeys(DATA_TABLES, "utf8mb4_nopad_bin")
     library_columns = [column for column in columns if column[0] in DATA_TABLES]
     datetimes = [column for column in library_columns if column[2] == "datetime"]
     assert datetimes, "no DATETIME columns found"
     assert [column for column in datetimes if column[3] != 6] == []
     texts = [column for column in library_columns if column[4] is not None]
     assert texts, "no string columns found"
-    assert [column for column in texts if column[4] != "utf8mb4_bin"] == []
+    assert [column for column in texts if column[4] != "utf8mb4_nopad_bin"] == []
 
 
 def test_cli_db_upgrade_current_downgrade(empty_url):

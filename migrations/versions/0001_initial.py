@@ -18,7 +18,7 @@ depends_on = None
 
 Timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 Document = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
-MARIADB = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+MARIADB = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_nopad_bin"}
 
 
 def upgrade() -> None:
