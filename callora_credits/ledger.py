@@ -915,8 +915,10 @@ class Ledger:
                 raise RetryTransaction() from None
 
         def replay(tx: Tx) -> Outcome | None:
-            found = store.find_idempotency(tx.conn, idem.key_hash, now)
+            found = store.find_idempotency(tx.conn, idem.key_hash)
             if found is None:
+                return None
+            if found.expires_at <= now:
                 store.delete_expired_key(tx.conn, idem.key_hash, now)
                 return None
             if found.fingerprint != idem.fingerprint:

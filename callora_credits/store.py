@@ -262,13 +262,14 @@ def add_refunded(conn: Connection, entry_id: str, units: int) -> bool:
     return bool(conn.execute(stmt).rowcount == 1)
 
 
-def find_idempotency(conn: Connection, key_hash: str, now: datetime) -> Any:
-    """The unexpired record of a claimed key, if any."""
+def find_idempotency(conn: Connection, key_hash: str) -> Any:
+    """The record of a claimed key, expired or not; a plain (non-locking) read."""
     stmt = select(
         idempotency.c.fingerprint,
         idempotency.c.status_code,
         idempotency.c.response_body,
-    ).where(idempotency.c.key_hash == key_hash, idempotency.c.expires_at > now)
+        idempotency.c.expires_at,
+    ).where(idempotency.c.key_hash == key_hash)
     return conn.execute(stmt).first()
 
 
@@ -283,7 +284,12 @@ def delete_expired_idempotency(conn: Connection, now: datetime) -> int:
 
 
 def delete_expired_key(conn: Connection, key_hash: str, now: datetime) -> None:
-    """Free a key whose record expired, so it can be claimed again."""
+    """Free a key whose record has expired, so it can be claimed again.
+
+    Called only for a record known to exist: a DELETE that matched nothing
+    would take a gap lock on MariaDB (REPEATABLE READ) ahead of the account
+    row's lock and invert the lock order.
+    """
     conn.execute(
         delete(idempotency).where(
             idempotency.c.key_hash == key_hash, idempotency.c.expires_at <= now

@@ -188,3 +188,13 @@ def test_duplicate_hold_reference_names_the_hold(app, user_id):
         with pytest.raises(DuplicateReference) as caught:
             ledger.hold(user_id, 1, reference="job-7")
         assert caught.value.details[0]["transaction_id"] == first.id
+
+
+def test_an_expired_key_can_be_claimed_again(app, user_id):
+    app.config["CREDITS_IDEMPOTENCY_TTL_SECONDS"] = 0
+    with app.app_context():
+        ledger = current_ledger()
+        first = ledger.top_up(user_id, 5, idempotency_key="short-lived")
+        second = ledger.top_up(user_id, 5, idempotency_key="short-lived")
+        assert first.id != second.id
+        assert ledger.find_by_user_id(user_id).balance_units == 10

@@ -1,0 +1,234 @@
+"""Reusable checks that one account's ledger is exact, and that the HTTP
+answers a test collected agree with it (SPEC §5, §6, §9).
+
+Every check returns a list of problems (empty when all is well), so a test can
+report all of them at once instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from callora_credits.ledger import Entry
+from callora_credits.models import Account, IdempotencyRecord, LedgerEntry
+
+__all__ = [
+    "Reply",
+    "Snapshot",
+    "account_problems",
+    "replies_problems",
+    "snapshot",
+]
+
+REFUNDABLE = ("charge", "hold_capture")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One HTTP answer a test received for a money-moving POST."""
+
+    key: str
+    path: str
+    status: int
+    body: bytes
+    replayed: bool
+    worker: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    @property
+    def code(self) -> str | None:
+        data = self.json
+        return data.get("code") if isinstance(data, dict) and self.status >= 400 else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the database holds for one user, read in one transaction."""
+
+    accounts: list[Any]
+    entries: list[Any]
+    idempotency_keys: int
+
+    @property
+    def balance_units(self) -> int | None:
+        return int(self.accounts[0].balance_units) if len(self.accounts) == 1 else None
+
+
+def snapshot(engine: Engine, user_id: str) -> Snapshot:
+    a, t, k = Account.__table__, LedgerEntry.__table__, IdempotencyRecord.__table__
+    with engine.connect() as conn, conn.begin():
+        accounts = list(conn.execute(sa.select(a).where(a.c.user_id == user_id)).all())
+        entries = list(
+            conn.execute(sa.select(t).where(t.c.user_id == user_id).order_by(t.c.seq)).all()
+        )
+        keys = conn.execute(
+            sa.select(sa.func.count()).select_from(k).where(k.c.user_id == user_id)
+        ).scalar_one()
+    return Snapshot(accounts, entries, int(keys))
+
+
+def account_problems(snap: Snapshot) -> list[str]:
+    """The account is exact: one row, balance == sum of the ledger, ``seq``
+    gapless from 1, each ``balance_after`` follows from the previous one and is
+    never negative, refunds never exceed (and add up to) what they refund."""
+    problems: list[str] = []
+    if len(snap.accounts) != 1:
+        problems.append(f"{len(snap.accounts)} rows in `credits` for the user, expected 1")
+        return problems
+    account = snap.accounts[0]
+    entries = snap.entries
+    total = sum(int(e.amount_units) for e in entries)
+    if int(account.balance_units) != total:
+        problems.append(f"balance {account.balance_units} != SUM(amount_units) {total}")
+    if int(account.balance_units) < 0:
+        problems.append(f"negative balance {account.balance_units}")
+    seqs = [int(e.seq) for e in entries]
+    if seqs != list(range(1, len(entries) + 1)):
+        missing = sorted(set(range(1, max(seqs, default=0) + 1)) - set(seqs))
+        dupes = sorted(s for s, n in Counter(seqs).items() if n > 1)
+        problems.append(f"seq not 1..{len(entries)}: missing {missing}, duplicated {dupes}")
+    if int(account.last_seq) != len(entries):
+        problems.append(f"last_seq {account.last_seq} but {len(entries)} entries")
+    running = 0
+    for e in entries:
+        running += int(e.amount_units)
+        if int(e.balance_after_units) != running:
+            problems.append(
+                f"seq {e.seq} ({e.type} {e.amount_units}): balance_after "
+                f"{e.balance_after_units} != previous + amount = {running}"
+            )
+            running = int(e.balance_after_units)
+        if int(e.balance_after_units) < 0:
+            problems.append(f"seq {e.seq}: negative balance_after {e.balance_after_units}")
+    by_id = {e.id: e for e in entries}
+    refunded_total = 0
+    for e in entries:
+        refunded = int(e.refunded_units)
+        if e.type in REFUNDABLE:
+            refunded_total += refunded
+            if not 0 <= refunded <= -int(e.amount_units):
+                problems.append(
+                    f"{e.type} {e.id}: refunded_units {refunded} outside 0..{-e.amount_units}"
+                )
+        elif refunded != 0:
+            problems.append(f"{e.type} {e.id}: refunded_units {refunded} on a non-debit")
+    refunds = [e for e in entries if e.type == "refund"]
+    refund_sum = sum(int(e.amount_units) for e in refunds)
+    if refund_sum != refunded_total:
+        problems.append(
+            f"refund entries sum to {refund_sum} but refunded_units of debits sum to "
+            f"{refunded_total}"
+        )
+    # Each refund names what it refunds, and those add up per refunded entry.
+    per_target: dict[str, int] = defaultdict(int)
+    unlinked = [e.id for e in refunds if e.refund_of is None]
+    if unlinked:
+        problems.append(
+            f"{len(unlinked)} of {len(refunds)} refund entries have refund_of NULL "
+            f"in the database, e.g. {unlinked[:3]}"
+        )
+    for e in refunds:
+        if e.refund_of is None:
+            continue
+        target = by_id.get(e.refund_of)
+        if target is None or target.type not in REFUNDABLE:
+            problems.append(f"refund {e.id}: refund_of {e.refund_of} is not a debit of the user")
+            continue
+        per_target[e.refund_of] += int(e.amount_units)
+    if not unlinked:
+        for e in entries:
+            if e.type in REFUNDABLE and per_target.get(e.id, 0) != int(e.refunded_units):
+                problems.append(
+                    f"{e.id}: refunded_units {e.refunded_units} but its refunds sum to "
+                    f"{per_target.get(e.id, 0)}"
+                )
+    return problems
+
+
+def replies_problems(
+    snap: Snapshot,
+    replies: Iterable[Reply],
+    allowed: set[tuple[int, str | None]],
+) -> list[str]:
+    """The answers agree with the ledger: only ``allowed`` (status, code)
+    pairs; one outcome per idempotency key (replays byte for byte); every 201
+    is exactly one ledger row and every ledger row is one key's 201."""
+    problems: list[str] = []
+    replies = list(replies)
+    for r in replies:
+        if (r.status, r.code) not in allowed:
+            problems.append(f"{r.worker} {r.path} key={r.key}: {r.status} {r.body[:300]!r}")
+    by_key: dict[str, list[Reply]] = defaultdict(list)
+    for r in replies:
+        by_key[r.key].append(r)
+    created: dict[str, str] = {}  # key -> entry id
+    settled_keys = 0
+    for key, group in by_key.items():
+        settled = [r for r in group if r.code != "IDEMPOTENCY_IN_PROGRESS"]
+        if settled:
+            settled_keys += 1
+        bodies = {r.body for r in settled}
+        if len(bodies) > 1:
+            problems.append(
+                f"key {key}: {len(bodies)} different outcomes "
+                f"{sorted((r.status, r.body[:120]) for r in settled)}"
+            )
+        ids = {r.json["id"] for r in settled if r.status == 201}
+        if len(ids) > 1:
+            problems.append(f"key {key} applied more than once: entries {sorted(ids)}")
+        if ids:
+            created[key] = next(iter(ids))
+        fresh = [r for r in settled if not r.replayed]
+        if len(fresh) > 1:
+            problems.append(f"key {key}: {len(fresh)} answers not marked Idempotent-Replayed")
+    entry_ids = [e.id for e in snap.entries]
+    by_id = {e.id: e for e in snap.entries}
+    if len(entry_ids) != len(created):
+        problems.append(
+            f"{len(entry_ids)} ledger rows but {len(created)} distinct keys answered 201"
+        )
+    answered = Counter(created.values())
+    for entry_id, n in answered.items():
+        if n > 1:
+            problems.append(f"entry {entry_id} answered for {n} different keys")
+        if entry_id not in by_id:
+            problems.append(f"entry {entry_id} of a 201 is not in the ledger")
+    orphans = set(entry_ids) - set(answered)
+    if orphans:
+        problems.append(f"ledger rows no 201 answered: {sorted(orphans)[:5]}")
+    # The 201 body is the entry as stored (refunded_usdc may grow later).
+    mismatched: list[str] = []
+    for key, entry_id in created.items():
+        row = by_id.get(entry_id)
+        if row is None:
+            continue
+        sent = next(r.json for r in by_key[key] if r.status == 201)
+        stored = Entry.from_row(row).as_json()
+        diff = sorted(
+            f for f in stored if f != "refunded_usdc" and stored[f] != sent.get(f, "<absent>")
+        )
+        if diff:
+            mismatched.append(
+                f"{entry_id} ({stored['type']}): "
+                + ", ".join(f"{f} answered {sent.get(f)!r} stored {stored[f]!r}" for f in diff)
+            )
+    if mismatched:
+        problems.append(
+            f"{len(mismatched)} 201 bodies differ from the stored entry, e.g. {mismatched[:2]}"
+        )
+    if snap.idempotency_keys != settled_keys:
+        problems.append(
+            f"{snap.idempotency_keys} idempotency records for the user but "
+            f"{settled_keys} keys got a stored outcome"
+        )
+    return problems
