@@ -16,8 +16,8 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check callora_credits tests examples migrations scripts
-	$(PY) -m ruff format --check callora_credits tests examples migrations scripts
+	$(PY) -m ruff check callora_credits tests examples migrations scripts stress bench
+	$(PY) -m ruff format --check callora_credits tests examples migrations scripts stress bench
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -37,3 +37,18 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache demo.sqlite3
+
+# The long load-and-faults run of docs/reliability.md: minutes of mixed load per
+# engine through gunicorn, faults rotating (connections terminated, workers
+# SIGKILLed, the database unreachable), every invariant checked at the end.
+STRESS_ARGS ?= --seconds 180 --clients 3 --threads 3 --workers 4 --fault all --phase-seconds 20
+.PHONY: stress
+stress: $(STAMP)
+	@urls=$$($(PY) scripts/db_urls.py) || exit 1; eval "$$urls"; \
+	$(PY) -m stress.run --engine postgresql --engine mysql $(STRESS_ARGS)
+
+# Benchmarks against same-run baselines (PostgreSQL at 127.0.0.1:5432); not
+# part of `make test`. See docs/benchmarks.md.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) bench/run.py

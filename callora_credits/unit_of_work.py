@@ -81,6 +81,8 @@ class RetryStats:
 def _retry_reason(exc: BaseException) -> str | None:
     if isinstance(exc, RetryTransaction):
         return "conflict"
+    if isinstance(exc, ConnectFailed):
+        return "connect"
     if not isinstance(exc, DBAPIError):
         return None
     if exc.connection_invalidated:
@@ -103,9 +105,21 @@ def is_retryable(exc: BaseException) -> bool:
     return _retry_reason(exc) is not None
 
 
+class ConnectFailed(Exception):
+    """The database could not be reached to open a connection (retried)."""
+
+
+def _connect(engine: Engine) -> Connection:
+    try:
+        return engine.connect()
+    except DBAPIError as exc:
+        # Nothing ran yet, so trying again is always safe.
+        raise ConnectFailed(str(exc.orig)) from exc
+
+
 @contextmanager
 def _begin(engine: Engine, write: bool) -> Iterator[Connection]:
-    with engine.connect() as conn:
+    with _connect(engine) as conn:
         if write and conn.dialect.name == "sqlite":
             # pysqlite would BEGIN lazily (DEFERRED) before the first write, so
             # two transactions could both read then both try to write. Taking
