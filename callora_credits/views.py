@@ -87,6 +87,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _read_at_most(size: int) -> bytes:
+    """Read up to ``size`` bytes, looping over short reads; never more."""
+    stream = request.stream
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining > 0:
+        chunk = stream.read(min(remaining, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 def _body(model: type[BaseModel], cfg: CreditsConfig) -> tuple[Any, dict[str, Any]]:
     """Read at most CREDITS_MAX_BODY_BYTES, parse strict JSON, validate.
 
@@ -96,7 +110,7 @@ def _body(model: type[BaseModel], cfg: CreditsConfig) -> tuple[Any, dict[str, An
     limit = cfg.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The body may be at most {limit} bytes")
-    raw = request.stream.read(limit + 1)
+    raw = _read_at_most(limit + 1)
     if len(raw) > limit:
         raise PayloadTooLarge(f"The body may be at most {limit} bytes")
     if not raw.strip():
