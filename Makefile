@@ -16,8 +16,8 @@ $(STAMP): setup.py pyproject.toml requirements-dev.txt
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check callora_credits tests examples migrations scripts stress
-	$(PY) -m ruff format --check callora_credits tests examples migrations scripts stress
+	$(PY) -m ruff check callora_credits tests examples migrations scripts stress bench
+	$(PY) -m ruff format --check callora_credits tests examples migrations scripts stress bench
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

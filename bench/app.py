@@ -1,0 +1,40 @@
+"""A minimal host app for the benchmark: the README's way of mounting the blueprint.
+
+Flask + Flask-SQLAlchemy + Flask-JWT-Extended + ``credits_bp``, configured
+from the environment. Served by gunicorn with ``app:create_app()``.
+
+- ``BENCH_DATABASE_URL``: SQLAlchemy URL (``postgresql+psycopg://…``)
+- ``BENCH_JWT_SECRET``: the HS256 key tokens are signed with
+- ``BENCH_POOL_SIZE``: connections per process (default 4)
+"""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+from flask_jwt_extended import JWTManager
+from flask_sqlalchemy import SQLAlchemy
+
+from callora_credits import credits_bp
+
+DEFAULT_SECRET = "bench-secret-key-long-enough-for-hs256"
+
+
+def create_app(database_url: str | None = None, pool_size: int | None = None) -> Flask:
+    """The host app; arguments override the environment (used in process)."""
+    url = database_url or os.environ["BENCH_DATABASE_URL"]
+    size = pool_size or int(os.environ.get("BENCH_POOL_SIZE", "4"))
+    app = Flask("callora_bench_host")
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": size, "max_overflow": size},
+        JWT_SECRET_KEY=os.environ.get(
+            "BENCH_JWT_SECRET", "bench-secret-key-long-enough-for-hs256"
+        ),
+    )
+    db = SQLAlchemy()
+    db.init_app(app)
+    JWTManager(app)
+    app.register_blueprint(credits_bp, url_prefix="/api/billing")
+    return app
