@@ -10,6 +10,7 @@ strings. ``X-User-Id`` is an identity only when the host opts in with
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from flask_jwt_extended.internal_utils import (
     verify_token_not_blocklisted,
 )
 from jwt.exceptions import InvalidSubjectError
+from jwt.utils import base64url_decode
 from werkzeug.datastructures import Headers
 
 from .config import CreditsConfig, config
@@ -109,7 +111,8 @@ def _token_from_header(raw: str, header_type: str) -> str:
 def _verify(token: str) -> dict[str, Any]:
     try:
         claims: dict[str, Any] = decode_token(token)
-        header = jwt.get_unverified_header(token)
+        # Verified by now; the header is the first segment (no second parse).
+        header = json.loads(base64url_decode(token.partition(".")[0]))
         if claims.get("type") == "refresh":
             raise Unauthorized("A refresh token cannot be used here", "INVALID_TOKEN")
         verify_token_not_blocklisted(header, claims)

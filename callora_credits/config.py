@@ -58,10 +58,21 @@ class CreditsConfig:
         self.db_retries = int(get("CREDITS_DB_RETRIES"))
 
 
+_CACHE_KEY = "callora_credits.config"
+
+
 def config() -> CreditsConfig:
     """The current app's credits configuration.
 
-    Built from ``current_app.config`` on each call so tests and hosts that
-    change a key at run time see the change; parsing is a few microseconds.
+    Parsed once and kept on the app; rebuilt when any ``CREDITS_*`` value
+    changes, so a key changed at run time takes effect at once.
     """
-    return CreditsConfig(current_app.config)
+    app_config = current_app.config
+    values = tuple(app_config.get(key) for key in DEFAULTS)
+    cached = current_app.extensions.get(_CACHE_KEY)
+    if cached is not None and cached[0] == values:
+        view: CreditsConfig = cached[1]
+        return view
+    view = CreditsConfig(app_config)
+    current_app.extensions[_CACHE_KEY] = (values, view)
+    return view

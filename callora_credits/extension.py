@@ -27,10 +27,20 @@ class CreditsState:
     def __init__(self) -> None:
         self.clock: Clock = utcnow
         self.stats = RetryStats()
+        self._ledger: Ledger | None = None
 
     def ledger(self, engine: Engine, config: CreditsConfig, sender: Any = None) -> Ledger:
-        """A ledger on ``engine``; cheap, built per use so config changes apply."""
-        return Ledger(engine, config, clock=self._now, stats=self.stats, sender=sender)
+        """The ledger on ``engine`` with ``config``; rebuilt when either changes."""
+        cached = self._ledger
+        if (
+            cached is not None
+            and cached.engine is engine
+            and cached.config is config
+            and cached.sender is sender
+        ):
+            return cached
+        self._ledger = Ledger(engine, config, clock=self._now, stats=self.stats, sender=sender)
+        return self._ledger
 
     def _now(self) -> datetime:
         # Late-bound so a clock replaced after start-up is used at once.

@@ -9,13 +9,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, func, insert, literal, or_, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
-from .models import Account, Hold, IdempotencyRecord, LedgerEntry
+from .models import Account, Hold, IdempotencyRecord, LedgerEntry, Timestamp
 from .unit_of_work import RetryTransaction
 
 __all__ = [
@@ -62,16 +62,26 @@ def held_units_expr(user_id: Any, now: datetime) -> ColumnElement[int]:
     )
 
 
+# The hot statements are built once, with bind parameters: building a
+# SQLAlchemy statement costs more CPU than sending it. Names of bind
+# parameters differ from column names, which UPDATE … VALUES reserves.
+_P_USER = bindparam("p_user_id", type_=accounts.c.user_id.type)
+_P_NOW = bindparam("p_now", type_=Timestamp)
+_P_UNITS = bindparam("p_units", type_=accounts.c.balance_units.type)
+_P_LIMIT = bindparam("p_limit", type_=accounts.c.balance_units.type)
+
+_BALANCE_ROW = select(
+    accounts.c.user_id,
+    accounts.c.balance_units,
+    accounts.c.created_at,
+    accounts.c.updated_at,
+    held_units_expr(_P_USER, _P_NOW).label("held_units"),  # type: ignore[arg-type]
+).where(accounts.c.user_id == _P_USER)
+
+
 def balance_row(conn: Connection, user_id: str, now: datetime) -> Any:
     """The account with its held units, in one statement; ``None`` if absent."""
-    stmt = select(
-        accounts.c.user_id,
-        accounts.c.balance_units,
-        accounts.c.created_at,
-        accounts.c.updated_at,
-        held_units_expr(accounts.c.user_id, now).label("held_units"),
-    ).where(accounts.c.user_id == user_id)
-    return conn.execute(stmt).first()
+    return conn.execute(_BALANCE_ROW, {"p_user_id": user_id, "p_now": now}).first()
 
 
 def insert_account_if_missing(conn: Connection, user_id: str, now: datetime) -> None:
@@ -101,17 +111,31 @@ def _is_mysql(conn: Connection) -> bool:
     return conn.dialect.name in ("mysql", "mariadb")
 
 
+_LOCK_ACCOUNT = (
+    select(accounts.c.balance_units, accounts.c.last_seq)
+    .where(accounts.c.user_id == _P_USER)
+    .with_for_update()
+)
+
+
 def lock_account(conn: Connection, user_id: str) -> Any:
     """Lock the account row (``SELECT … FOR UPDATE``) and return it.
 
     SQLite ignores ``FOR UPDATE``; its units hold the write lock already.
     """
-    stmt = (
-        select(accounts.c.balance_units, accounts.c.last_seq)
-        .where(accounts.c.user_id == user_id)
-        .with_for_update()
+    return conn.execute(_LOCK_ACCOUNT, {"p_user_id": user_id}).first()
+
+
+_DEBIT = (
+    update(accounts)
+    .where(accounts.c.user_id == _P_USER, accounts.c.balance_units >= _P_UNITS)
+    .values(
+        balance_units=accounts.c.balance_units - _P_UNITS,
+        last_seq=accounts.c.last_seq + 1,
+        updated_at=_P_NOW,
     )
-    return conn.execute(stmt).first()
+)
+_DEBIT_RETURNING = _DEBIT.returning(accounts.c.balance_units, accounts.c.last_seq)
 
 
 def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[int, int] | None:
@@ -121,23 +145,45 @@ def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[in
     the row. Returns ``(balance_after, seq)``, or ``None`` when the balance is
     short or the account does not exist.
     """
-    stmt = (
-        update(accounts)
-        .where(accounts.c.user_id == user_id, accounts.c.balance_units >= units)
-        .values(
-            balance_units=accounts.c.balance_units - units,
-            last_seq=accounts.c.last_seq + 1,
-            updated_at=now,
-        )
-    )
+    params = {"p_user_id": user_id, "p_units": units, "p_now": now}
     if not _is_mysql(conn):
-        row = conn.execute(stmt.returning(accounts.c.balance_units, accounts.c.last_seq)).first()
+        row = conn.execute(_DEBIT_RETURNING, params).first()
         return None if row is None else (int(row[0]), int(row[1]))
-    if conn.execute(stmt).rowcount != 1:
+    if conn.execute(_DEBIT, params).rowcount != 1:
         return None
     locked = lock_account(conn, user_id)
     assert locked is not None
     return int(locked.balance_units), int(locked.last_seq)
+
+
+def _upsert_credit(dialect_insert: Any) -> Any:
+    ins = dialect_insert(accounts).values(
+        user_id=_P_USER, balance_units=_P_UNITS, last_seq=1, created_at=_P_NOW, updated_at=_P_NOW
+    )
+    return ins.on_conflict_do_update(
+        index_elements=[accounts.c.user_id],
+        set_={
+            "balance_units": accounts.c.balance_units + ins.excluded.balance_units,
+            "last_seq": accounts.c.last_seq + 1,
+            "updated_at": ins.excluded.updated_at,
+        },
+        where=accounts.c.balance_units + ins.excluded.balance_units <= _P_LIMIT,
+    ).returning(accounts.c.balance_units, accounts.c.last_seq)
+
+
+_UPSERT_CREDIT = {
+    "postgresql": _upsert_credit(postgresql.insert),
+    "sqlite": _upsert_credit(sqlite.insert),
+}
+_CREDIT = (
+    update(accounts)
+    .where(accounts.c.user_id == _P_USER, accounts.c.balance_units + _P_UNITS <= _P_LIMIT)
+    .values(
+        balance_units=accounts.c.balance_units + _P_UNITS,
+        last_seq=accounts.c.last_seq + 1,
+        updated_at=_P_NOW,
+    )
+)
 
 
 def credit(
@@ -148,36 +194,14 @@ def credit(
     Returns ``(balance_after, seq)``, or ``None`` when the balance would pass
     ``max_balance`` (the caller checks ``units <= max_balance`` first).
     """
+    params = {"p_user_id": user_id, "p_units": units, "p_limit": max_balance, "p_now": now}
     if not _is_mysql(conn):
-        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        ins = dialect_insert(accounts).values(
-            user_id=user_id, balance_units=units, last_seq=1, created_at=now, updated_at=now
-        )
-        upsert = ins.on_conflict_do_update(
-            index_elements=[accounts.c.user_id],
-            set_={
-                "balance_units": accounts.c.balance_units + ins.excluded.balance_units,
-                "last_seq": accounts.c.last_seq + 1,
-                "updated_at": ins.excluded.updated_at,
-            },
-            where=accounts.c.balance_units + ins.excluded.balance_units <= max_balance,
-        ).returning(accounts.c.balance_units, accounts.c.last_seq)
-        row = conn.execute(upsert).first()
+        upsert = _UPSERT_CREDIT[conn.dialect.name]
+        row = conn.execute(upsert, params).first()
         return None if row is None else (int(row.balance_units), int(row.last_seq))
     # MariaDB: a conditional update (which locks the row), then a locking read
     # that tells an absent account from one at its limit.
-    applied = conn.execute(
-        update(accounts)
-        .where(
-            accounts.c.user_id == user_id,
-            accounts.c.balance_units + units <= max_balance,
-        )
-        .values(
-            balance_units=accounts.c.balance_units + units,
-            last_seq=accounts.c.last_seq + 1,
-            updated_at=now,
-        )
-    ).rowcount
+    applied = conn.execute(_CREDIT, params).rowcount
     locked = lock_account(conn, user_id)
     if locked is None:
         try:
@@ -199,6 +223,27 @@ def credit(
     return (int(locked.balance_units), int(locked.last_seq)) if applied == 1 else None
 
 
+_INSERT_ENTRY = insert(entries)
+_ENTRY_COLUMNS = [column.name for column in entries.columns]
+_GUARDED_INSERT_ENTRY = (
+    insert(entries)
+    .from_select(
+        _ENTRY_COLUMNS,
+        select(
+            *[bindparam(f"v_{name}", type_=entries.c[name].type) for name in _ENTRY_COLUMNS]
+        ).where(
+            bindparam("v_balance_after_units", type_=entries.c.balance_after_units.type)
+            >= held_units_expr(
+                bindparam("v_user_id", type_=entries.c.user_id.type),
+                _P_NOW,  # type: ignore[arg-type]
+            )
+        ),
+    )
+    # rowcount of an INSERT is only kept on request.
+    .execution_options(preserve_rowcount=True)
+)
+
+
 def insert_entry(
     conn: Connection, values: dict[str, Any], *, require_available: datetime | None = None
 ) -> bool:
@@ -210,19 +255,11 @@ def insert_entry(
     debit locked the account, so it sees every hold committed before the lock.
     """
     if require_available is None:
-        conn.execute(insert(entries).values(values))
+        conn.execute(_INSERT_ENTRY, values)
         return True
-    columns = list(values)
-    selected = select(
-        *[literal(values[name], type_=entries.c[name].type) for name in columns]
-    ).where(
-        literal(values["balance_after_units"], type_=entries.c.balance_after_units.type)
-        >= held_units_expr(values["user_id"], require_available)
-    )
-    # rowcount of an INSERT is only kept on request.
-    result = conn.execute(
-        insert(entries).from_select(columns, selected).execution_options(preserve_rowcount=True)
-    )
+    params = {f"v_{name}": value for name, value in values.items()}
+    params["p_now"] = require_available
+    result = conn.execute(_GUARDED_INSERT_ENTRY, params)
     return bool(result.rowcount == 1)
 
 
@@ -262,20 +299,25 @@ def add_refunded(conn: Connection, entry_id: str, units: int) -> bool:
     return bool(conn.execute(stmt).rowcount == 1)
 
 
+_FIND_IDEMPOTENCY = select(
+    idempotency.c.fingerprint,
+    idempotency.c.status_code,
+    idempotency.c.response_body,
+    idempotency.c.expires_at,
+).where(idempotency.c.key_hash == bindparam("p_key_hash", type_=idempotency.c.key_hash.type))
+
+
 def find_idempotency(conn: Connection, key_hash: str) -> Any:
     """The record of a claimed key, expired or not; a plain (non-locking) read."""
-    stmt = select(
-        idempotency.c.fingerprint,
-        idempotency.c.status_code,
-        idempotency.c.response_body,
-        idempotency.c.expires_at,
-    ).where(idempotency.c.key_hash == key_hash)
-    return conn.execute(stmt).first()
+    return conn.execute(_FIND_IDEMPOTENCY, {"p_key_hash": key_hash}).first()
+
+
+_INSERT_IDEMPOTENCY = insert(idempotency)
 
 
 def insert_idempotency(conn: Connection, values: dict[str, Any]) -> None:
     """Claim a key with its response; a duplicate raises ``IntegrityError``."""
-    conn.execute(insert(idempotency).values(values))
+    conn.execute(_INSERT_IDEMPOTENCY, values)
 
 
 def delete_expired_idempotency(conn: Connection, now: datetime) -> int:
