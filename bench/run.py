@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
