@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Response, request
 from pydantic import BaseModel
@@ -21,7 +21,18 @@ from .errors import (
 )
 from .extension import current_ledger
 from .idempotency import Idempotency, canonical_fingerprint, valid_key
-from .ledger import Adjust, Capture, Charge, CreateHold, Operation, Refund, Release, TopUp
+from .ledger import (
+    Adjust,
+    Capture,
+    Charge,
+    CreateHold,
+    Entry,
+    Hold,
+    Operation,
+    Refund,
+    Release,
+    TopUp,
+)
 from .money import AmountError, parse_amount
 from .schemas import (
     AdjustmentIn,
@@ -57,6 +68,17 @@ MAX_ID_LENGTH = 64
 def _known_form(object_id: str) -> bool:
     """Ids are short and printable; anything else cannot exist, so is a 404."""
     return len(object_id) <= MAX_ID_LENGTH and object_id.isprintable()
+
+
+Owned = TypeVar("Owned", Entry, Hold)
+
+
+def _visible(found: Owned | None, caller: Caller, cfg: CreditsConfig, missing: str) -> Owned:
+    """``found`` if the caller owns it or is an admin; otherwise a 404, the
+    same as for an id that does not exist, so ids cannot be probed."""
+    if found is None or (found.user_id != caller.user_id and not caller.is_admin(cfg)):
+        raise NotFound(missing)
+    return found
 
 
 class _NoQuery(BaseModel):
@@ -388,9 +410,7 @@ def get_transaction(transaction_id: str) -> Response:
     caller = _caller(cfg)
     _query(_NoQuery)
     entry = current_ledger().get_entry(transaction_id)
-    if entry is None or (entry.user_id != caller.user_id and not caller.is_admin(cfg)):
-        raise NotFound("No such transaction")
-    return json_response(entry.as_json())
+    return json_response(_visible(entry, caller, cfg, "No such transaction").as_json())
 
 
 DEFAULT_PAGE_SIZE = 20
@@ -494,9 +514,7 @@ def get_hold(hold_id: str) -> Response:
     caller = _caller(cfg)
     _query(_NoQuery)
     hold = current_ledger().get_hold(hold_id)
-    if hold is None or (hold.user_id != caller.user_id and not caller.is_admin(cfg)):
-        raise NotFound("No such hold")
-    return json_response(hold.as_json())
+    return json_response(_visible(hold, caller, cfg, "No such hold").as_json())
 
 
 @operation(
