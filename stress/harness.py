@@ -129,6 +129,23 @@ def drop_database(url: str) -> None:
 # --- the server --------------------------------------------------------------------
 
 
+class FreshDatabases:
+    """Fresh, migrated databases created on demand, one per engine, all
+    dropped by :meth:`drop_all` (for tests that must not share one)."""
+
+    def __init__(self) -> None:
+        self.urls: dict[str, str] = {}
+
+    def url(self, engine: str) -> str:
+        if engine not in self.urls:
+            self.urls[engine] = create_database(engine)
+        return self.urls[engine]
+
+    def drop_all(self) -> None:
+        for url in self.urls.values():
+            drop_database(url)
+
+
 class Server:
     """The stress host under gunicorn, in its own process group."""
 

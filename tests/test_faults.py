@@ -44,11 +44,10 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # for `stress`, the harness beside the package
 
 from stress.harness import (  # noqa: E402
+    FreshDatabases,
     Report,
     RunConfig,
     admin_url,
-    create_database,
-    drop_database,
     run,
 )
 
@@ -58,26 +57,9 @@ SECONDS = 9
 REQUEST_TIMEOUT = 15.0
 
 
-class FaultDatabases:
-    """One fresh, migrated database per engine for this module: terminating
-    every connection of a database must not reach another test's."""
-
-    def __init__(self) -> None:
-        self.urls: dict[str, str] = {}
-
-    def url(self, engine: str) -> str:
-        if engine not in self.urls:
-            self.urls[engine] = create_database(engine)
-        return self.urls[engine]
-
-    def drop_all(self) -> None:
-        for url in self.urls.values():
-            drop_database(url)
-
-
 @pytest.fixture(scope="module")
-def fault_databases() -> Iterator[FaultDatabases]:
-    databases = FaultDatabases()
+def fault_databases() -> Iterator[FreshDatabases]:
+    databases = FreshDatabases()
     yield databases
     databases.drop_all()
 
@@ -92,7 +74,7 @@ def server_engine(engine_name: str) -> str:
     return engine_name
 
 
-def _run(engine: str, fault: str, databases: FaultDatabases, artifacts: Path) -> Report:
+def _run(engine: str, fault: str, databases: FreshDatabases, artifacts: Path) -> Report:
     report = run(
         RunConfig(
             engine=engine,
@@ -118,7 +100,7 @@ def _run(engine: str, fault: str, databases: FaultDatabases, artifacts: Path) ->
 
 
 def test_connections_terminated_mid_load(
-    server_engine: str, fault_databases: FaultDatabases, tmp_path: Path
+    server_engine: str, fault_databases: FreshDatabases, tmp_path: Path
 ) -> None:
     report = _run(server_engine, "connections", fault_databases, tmp_path)
     summary = report.summary()
@@ -130,7 +112,7 @@ def test_connections_terminated_mid_load(
 
 
 def test_worker_killed_mid_request(
-    server_engine: str, fault_databases: FaultDatabases, tmp_path: Path
+    server_engine: str, fault_databases: FreshDatabases, tmp_path: Path
 ) -> None:
     report = _run(server_engine, "workers", fault_databases, tmp_path)
     summary = report.summary()
@@ -142,7 +124,7 @@ def test_worker_killed_mid_request(
 
 
 def test_database_briefly_unreachable(
-    server_engine: str, fault_databases: FaultDatabases, tmp_path: Path
+    server_engine: str, fault_databases: FreshDatabases, tmp_path: Path
 ) -> None:
     report = _run(server_engine, "outage", fault_databases, tmp_path)
     summary = report.summary()
@@ -267,7 +249,7 @@ TRANSIENT: dict[str, list[tuple[str, Callable[[Engine], DBAPIError]]]] = {
 
 
 def test_real_transient_errors_are_retried_and_others_are_not(
-    engine_name: str, fault_databases: FaultDatabases, tmp_path: Path
+    engine_name: str, fault_databases: FreshDatabases, tmp_path: Path
 ) -> None:
     if engine_name == "sqlite":
         url = f"sqlite:///{tmp_path / 'scratch.sqlite3'}"

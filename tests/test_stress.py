@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # for `stress`, the harness beside the package
 
-from stress.harness import RunConfig, create_database, drop_database, run  # noqa: E402
+from stress.harness import FreshDatabases, RunConfig, run  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -38,25 +38,9 @@ SQLITE_REASON = (
 )
 
 
-class StressDatabases:
-    """One fresh, migrated database per engine for this module."""
-
-    def __init__(self) -> None:
-        self.urls: dict[str, str] = {}
-
-    def url(self, engine: str) -> str:
-        if engine not in self.urls:
-            self.urls[engine] = create_database(engine)
-        return self.urls[engine]
-
-    def drop_all(self) -> None:
-        for url in self.urls.values():
-            drop_database(url)
-
-
 @pytest.fixture(scope="module")
-def stress_databases() -> Iterator[StressDatabases]:
-    databases = StressDatabases()
+def stress_databases() -> Iterator[FreshDatabases]:
+    databases = FreshDatabases()
     yield databases
     databases.drop_all()
 
@@ -69,7 +53,7 @@ def server_engine(engine_name: str) -> str:
 
 
 def test_load_through_gunicorn_keeps_every_invariant(
-    server_engine: str, stress_databases: StressDatabases, tmp_path: Path
+    server_engine: str, stress_databases: FreshDatabases, tmp_path: Path
 ) -> None:
     report = run(
         RunConfig(
