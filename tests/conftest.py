@@ -201,3 +201,37 @@ def auth() -> Callable[..., dict[str, str]]:
 ADMIN = "ops_admin"
 ADMIN_SCOPE = "credits:admin"
 SERVICE_SCOPE = "credits:charge"
+
+
+ERROR_KEYS = {"code", "message", "requestId", "details"}
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    """The response is the library's JSON error (SPEC §4) with this status and code."""
+    assert response.status_code == status, response.get_data(as_text=True)[:500]
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert set(body) == ERROR_KEYS
+    assert body["code"] == code
+    assert isinstance(body["message"], str)
+    assert body["message"]
+    assert isinstance(body["details"], list)
+    assert body["requestId"] == response.headers["X-Request-Id"]
+    return dict(body)
+
+
+@pytest.fixture
+def host(databases: Databases, engine_name: str) -> Iterator[Callable[..., Flask]]:
+    """Build host apps with extra config (and optionally another database URL)
+    on this test's engine; their engines are disposed after the test."""
+    apps: list[Flask] = []
+
+    def build(url: str | None = None, **config: Any) -> Flask:
+        app = make_app(url or databases.url(engine_name), **config)
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        with app.app_context():
+            app.extensions["sqlalchemy"].engine.dispose()

@@ -14,7 +14,7 @@ from typing import Any
 import jwt
 import pytest
 import sqlalchemy as sa
-from conftest import ADMIN_SCOPE, SECRET, SERVICE_SCOPE, make_app, make_token
+from conftest import ADMIN_SCOPE, SECRET, SERVICE_SCOPE, assert_error, make_app, make_token
 from flask import Flask
 from flask_jwt_extended import JWTManager
 
@@ -22,7 +22,6 @@ from callora_credits import credits_bp
 from callora_credits.models import Account
 
 BASE = "/api/billing/credits"
-ERROR_KEYS = {"code", "message", "requestId", "details"}
 OTHER_SECRET = "another-secret-key-that-is-long-enough-for-hs256"
 
 
@@ -60,14 +59,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def assert_error(response: Any, status: int, code: str) -> None:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == ERROR_KEYS
-    assert body["code"] == code
-    assert body["requestId"] == response.headers["X-Request-Id"]
-
-
 def account_count(app: Flask, *user_ids: str) -> int:
     with app.app_context():
         engine = app.extensions["sqlalchemy"].engine
@@ -76,22 +67,6 @@ def account_count(app: Flask, *user_ids: str) -> int:
             return conn.execute(
                 sa.select(sa.func.count()).select_from(t).where(t.c.user_id.in_(user_ids))
             ).scalar_one()
-
-
-@pytest.fixture
-def host(databases, engine_name):
-    """Build host apps with extra config on this test's engine; disposed after."""
-    apps: list[Flask] = []
-
-    def build(**config: Any) -> Flask:
-        app = make_app(databases.url(engine_name), **config)
-        apps.append(app)
-        return app
-
-    yield build
-    for app in apps:
-        with app.app_context():
-            app.extensions["sqlalchemy"].engine.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -12,31 +12,17 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import make_app, make_token
+from conftest import assert_error, make_app, make_token
 from flask import Flask
 from sqlalchemy.engine import make_url
 from tcp_proxy import TcpProxy
 
 BASE = "/api/billing/credits"
-ERROR_KEYS = {"code", "message", "requestId", "details"}
 DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306}
 
 
 def bearer(user: str, **kwargs: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {make_token(user, **kwargs)}"}
-
-
-def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert set(body) == ERROR_KEYS
-    assert body["code"] == code
-    assert isinstance(body["message"], str)
-    assert body["message"]
-    assert isinstance(body["details"], list)
-    assert body["requestId"] == response.headers["X-Request-Id"]
-    return body
 
 
 # --- validation of the query string -----------------------------------------------

@@ -17,14 +17,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import ADMIN_SCOPE, SERVICE_SCOPE, make_app, make_token
+from conftest import ADMIN_SCOPE, SERVICE_SCOPE, assert_error, make_token
 from flask import Flask, request
 from werkzeug.serving import DechunkedInput
 
 from callora_credits.models import Account, IdempotencyRecord, LedgerEntry
 
 BASE = "/api/billing/credits"
-ERROR_KEYS = {"code", "message", "requestId", "details"}
 TEN_KB = 10 * 1024
 TEN_MB = 10 * 1024 * 1024
 
@@ -38,15 +37,6 @@ def key() -> dict[str, str]:
 
 def suffix() -> str:
     return uuid.uuid4().hex[:10]
-
-
-def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)[:500]
-    body = response.get_json()
-    assert set(body) == ERROR_KEYS
-    assert body["code"] == code
-    assert body["requestId"] == response.headers["X-Request-Id"]
-    return body
 
 
 def count(app: Flask, table: sa.Table, **where: str) -> int:
@@ -108,22 +98,6 @@ def admin_id() -> str:
 @pytest.fixture
 def admin(auth, admin_id) -> dict[str, str]:
     return auth(admin_id, scopes=f"{ADMIN_SCOPE} {SERVICE_SCOPE}")
-
-
-@pytest.fixture
-def host(databases, engine_name):
-    """Build host apps with extra config on this test's engine; disposed after."""
-    apps: list[Flask] = []
-
-    def build(**config: Any) -> Flask:
-        app = make_app(databases.url(engine_name), **config)
-        apps.append(app)
-        return app
-
-    yield build
-    for app in apps:
-        with app.app_context():
-            app.extensions["sqlalchemy"].engine.dispose()
 
 
 def top_up(client, admin, user_id, amount="1", **extra):

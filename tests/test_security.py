@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import jwt
 import pytest
 import sqlalchemy as sa
-from conftest import ADMIN_SCOPE, SECRET, SERVICE_SCOPE, make_app, make_token
+from conftest import ADMIN_SCOPE, SECRET, SERVICE_SCOPE, assert_error, make_token
 from flask import Flask
 
 from callora_credits.models import Account, Hold, LedgerEntry
 
 BASE = "/api/billing/credits"
-ERROR_KEYS = {"code", "message", "requestId", "details"}
 BOTH = f"{ADMIN_SCOPE} {SERVICE_SCOPE}"
 
 
@@ -48,15 +46,6 @@ def bearer_with_claims(user: str, claims: dict[str, Any]) -> dict[str, str]:
     """A valid token with arbitrary extra claims (``make_token`` reserves ``scopes``)."""
     payload = jwt.decode(make_token(user), options={"verify_signature": False})
     return {"Authorization": f"Bearer {jwt.encode({**payload, **claims}, SECRET)}"}
-
-
-def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)[:500]
-    body = response.get_json()
-    assert set(body) == ERROR_KEYS
-    assert body["code"] == code
-    assert body["requestId"] == response.headers["X-Request-Id"]
-    return body
 
 
 def snapshot(app: Flask, user_id: str) -> tuple[Any, ...]:
@@ -108,22 +97,6 @@ def victim(client, admin) -> dict[str, str]:
         "charge": charge.json["id"],
         "hold": hold.json["id"],
     }
-
-
-@pytest.fixture
-def host(databases, engine_name) -> Iterator[Any]:
-    """Build host apps with extra config on this test's engine; disposed after."""
-    apps: list[Flask] = []
-
-    def build(url: str | None = None, **config: Any) -> Flask:
-        app = make_app(url or databases.url(engine_name), **config)
-        apps.append(app)
-        return app
-
-    yield build
-    for app in apps:
-        with app.app_context():
-            app.extensions["sqlalchemy"].engine.dispose()
 
 
 def admin_requests(victim: dict[str, str]) -> list[tuple[str, str, Any]]:
