@@ -1,11 +1,12 @@
 """Who is calling, and what they may do (SPEC §3).
 
 The token is read from the host's ``JWT_HEADER_NAME`` header by this module
-and verified by Flask-JWT-Extended's own decoding, so the host's keys,
-algorithms, audience, issuer, identity claim, leeway, blocklist and claims
-verification all apply. Only header tokens are accepted: no cookies, no query
-strings. ``X-User-Id`` is an identity only when the host opts in with
-``CREDITS_TRUST_USER_ID_HEADER`` (an app behind an authenticating gateway).
+and verified the way Flask-JWT-Extended's ``decode_token`` verifies it, so
+the host's keys (and decode key loader), algorithms, audience, issuer,
+identity claim, leeway, blocklist and claims verification all apply. Only
+header tokens are accepted: no cookies, no query strings. ``X-User-Id`` is
+an identity only when the host opts in with ``CREDITS_TRUST_USER_ID_HEADER``
+(an app behind an authenticating gateway).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Literal
 import jwt
 from flask import current_app, request
 from flask_jwt_extended import decode_token
-from flask_jwt_extended.exceptions import JWTExtendedException
+from flask_jwt_extended.config import config as jwt_config
+from flask_jwt_extended.exceptions import JWTDecodeError, JWTExtendedException
 from flask_jwt_extended.internal_utils import (
     custom_verification_for_token,
     verify_token_not_blocklisted,
@@ -108,11 +110,58 @@ def _token_from_header(raw: str, header_type: str) -> str:
     return token
 
 
+def _segment(token: str, index: int) -> dict[str, Any]:
+    """A JSON object segment of ``token``, read without verifying anything."""
+    try:
+        value = json.loads(base64url_decode(token.split(".")[index]))
+    except (IndexError, ValueError, TypeError, UnicodeDecodeError):
+        raise jwt.DecodeError("Invalid token segment") from None
+    if not isinstance(value, dict):
+        raise jwt.DecodeError("Invalid token segment")
+    return value
+
+
+def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify ``token`` as Flask-JWT-Extended's ``decode_token`` does: the
+    host's decode key loader, algorithms, audience, issuer, leeway and
+    identity claim. Returns ``(header, claims)``.
+
+    ``decode_token`` parses a token three times (twice unverified, for the key
+    loader); this reads the loader's inputs from the segments and parses
+    with verification once. On a Flask-JWT-Extended that keeps its loader or
+    settings elsewhere, ``decode_token`` itself runs.
+    """
+    manager = current_app.extensions["flask-jwt-extended"]
+    key_loader = getattr(manager, "_decode_key_callback", None)
+    verify_sub = getattr(jwt_config, "verify_sub", None)
+    if key_loader is None or verify_sub is None:
+        claims: dict[str, Any] = decode_token(token)
+        return _segment(token, 0), claims
+    header = _segment(token, 0)
+    secret = key_loader(header, _segment(token, 1))
+    audience = jwt_config.decode_audience
+    claims = jwt.decode(
+        token,
+        secret,
+        algorithms=jwt_config.decode_algorithms,
+        audience=audience,
+        issuer=jwt_config.decode_issuer,
+        leeway=jwt_config.leeway,
+        options={"verify_aud": audience is not None, "verify_sub": verify_sub},
+    )
+    if jwt_config.identity_claim_key not in claims:
+        raise JWTDecodeError(f"Missing claim: {jwt_config.identity_claim_key}")
+    # The defaults decode_token fills in, which blocklist and verification
+    # loaders may read.
+    claims.setdefault("type", "access")
+    claims.setdefault("fresh", False)
+    claims.setdefault("jti", None)
+    return header, claims
+
+
 def _verify(token: str) -> dict[str, Any]:
     try:
-        claims: dict[str, Any] = decode_token(token)
-        # Verified by now; the header is the first segment (no second parse).
-        header = json.loads(base64url_decode(token.partition(".")[0]))
+        header, claims = _decode(token)
         if claims.get("type") == "refresh":
             raise Unauthorized("A refresh token cannot be used here", "INVALID_TOKEN")
         verify_token_not_blocklisted(header, claims)

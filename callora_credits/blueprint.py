@@ -179,7 +179,10 @@ def _start() -> None:
 
 @credits_bp.after_request
 def _finish(response: Response) -> Response:
-    response.headers["X-Request-Id"] = request_id()
+    rid = request_id()
+    response.headers["X-Request-Id"] = rid
+    if not log.isEnabledFor(logging.INFO):
+        return response
     started = request.environ.get("callora_credits.started")
     elapsed_ms = (time.perf_counter() - started) * 1000 if started else 0.0
     path = printable(request.path)
@@ -190,7 +193,7 @@ def _finish(response: Response) -> Response:
         response.status_code,
         elapsed_ms,
         extra={
-            "request_id": request_id(),
+            "request_id": rid,
             "method": request.method,
             "path": path,
             "status": response.status_code,

@@ -12,7 +12,7 @@ from .config import CreditsConfig, config
 from .ledger import Clock, Ledger, utcnow
 from .unit_of_work import RetryStats
 
-__all__ = ["CreditsState", "current_ledger", "state"]
+__all__ = ["CreditsState", "current_ledger", "ledger_for", "state"]
 
 EXTENSION_KEY = "callora_credits"
 
@@ -65,6 +65,11 @@ def current_ledger() -> Ledger:
     Runs on the host's Flask-SQLAlchemy default engine with the app's
     ``CREDITS_*`` configuration.
     """
+    return ledger_for(config())
+
+
+def ledger_for(cfg: CreditsConfig) -> Ledger:
+    """:func:`current_ledger` with the configuration the caller has already read."""
     db = current_app.extensions["sqlalchemy"]
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    return state().ledger(db.engine, config(), sender=app)
+    return state().ledger(db.engine, cfg, sender=app)

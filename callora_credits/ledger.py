@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any, TypeVar
@@ -442,7 +442,9 @@ def decode_hold_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def _params(op: Operation) -> dict[str, Any]:
-    return asdict(op)
+    # Shallow: the fingerprint serializes nested values itself, and asdict()
+    # would deep-copy the metadata on every call.
+    return dict(vars(op))
 
 
 class _ReferenceTaken(Exception):

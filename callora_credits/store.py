@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from .models import Account, Hold, IdempotencyRecord, LedgerEntry, Timestamp
+from .prepared import PreparedStatement
 from .unit_of_work import RetryTransaction
 
 __all__ = [
@@ -70,18 +71,20 @@ _P_NOW = bindparam("p_now", type_=Timestamp)
 _P_UNITS = bindparam("p_units", type_=accounts.c.balance_units.type)
 _P_LIMIT = bindparam("p_limit", type_=accounts.c.balance_units.type)
 
-_BALANCE_ROW = select(
-    accounts.c.user_id,
-    accounts.c.balance_units,
-    accounts.c.created_at,
-    accounts.c.updated_at,
-    held_units_expr(_P_USER, _P_NOW).label("held_units"),  # type: ignore[arg-type]
-).where(accounts.c.user_id == _P_USER)
+_BALANCE_ROW = PreparedStatement(
+    select(
+        accounts.c.user_id,
+        accounts.c.balance_units,
+        accounts.c.created_at,
+        accounts.c.updated_at,
+        held_units_expr(_P_USER, _P_NOW).label("held_units"),  # type: ignore[arg-type]
+    ).where(accounts.c.user_id == _P_USER)
+)
 
 
 def balance_row(conn: Connection, user_id: str, now: datetime) -> Any:
     """The account with its held units, in one statement; ``None`` if absent."""
-    return conn.execute(_BALANCE_ROW, {"p_user_id": user_id, "p_now": now}).first()
+    return _BALANCE_ROW.first(conn, {"p_user_id": user_id, "p_now": now})
 
 
 def insert_account_if_missing(conn: Connection, user_id: str, now: datetime) -> None:
@@ -111,7 +114,7 @@ def _is_mysql(conn: Connection) -> bool:
     return conn.dialect.name in ("mysql", "mariadb")
 
 
-_LOCK_ACCOUNT = (
+_LOCK_ACCOUNT = PreparedStatement(
     select(accounts.c.balance_units, accounts.c.last_seq)
     .where(accounts.c.user_id == _P_USER)
     .with_for_update()
@@ -123,7 +126,7 @@ def lock_account(conn: Connection, user_id: str) -> Any:
 
     SQLite ignores ``FOR UPDATE``; its units hold the write lock already.
     """
-    return conn.execute(_LOCK_ACCOUNT, {"p_user_id": user_id}).first()
+    return _LOCK_ACCOUNT.first(conn, {"p_user_id": user_id})
 
 
 _DEBIT = (
@@ -135,7 +138,10 @@ _DEBIT = (
         updated_at=_P_NOW,
     )
 )
-_DEBIT_RETURNING = _DEBIT.returning(accounts.c.balance_units, accounts.c.last_seq)
+_DEBIT_RETURNING = PreparedStatement(
+    _DEBIT.returning(accounts.c.balance_units, accounts.c.last_seq)
+)
+_DEBIT_COUNTED = PreparedStatement(_DEBIT)
 
 
 def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[int, int] | None:
@@ -147,9 +153,9 @@ def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[in
     """
     params = {"p_user_id": user_id, "p_units": units, "p_now": now}
     if not _is_mysql(conn):
-        row = conn.execute(_DEBIT_RETURNING, params).first()
+        row = _DEBIT_RETURNING.first(conn, params)
         return None if row is None else (int(row[0]), int(row[1]))
-    if conn.execute(_DEBIT, params).rowcount != 1:
+    if _DEBIT_COUNTED.rowcount(conn, params) != 1:
         return None
     locked = lock_account(conn, user_id)
     assert locked is not None
@@ -172,10 +178,10 @@ def _upsert_credit(dialect_insert: Any) -> Any:
 
 
 _UPSERT_CREDIT = {
-    "postgresql": _upsert_credit(postgresql.insert),
-    "sqlite": _upsert_credit(sqlite.insert),
+    "postgresql": PreparedStatement(_upsert_credit(postgresql.insert)),
+    "sqlite": PreparedStatement(_upsert_credit(sqlite.insert)),
 }
-_CREDIT = (
+_CREDIT = PreparedStatement(
     update(accounts)
     .where(accounts.c.user_id == _P_USER, accounts.c.balance_units + _P_UNITS <= _P_LIMIT)
     .values(
@@ -197,11 +203,11 @@ def credit(
     params = {"p_user_id": user_id, "p_units": units, "p_limit": max_balance, "p_now": now}
     if not _is_mysql(conn):
         upsert = _UPSERT_CREDIT[conn.dialect.name]
-        row = conn.execute(upsert, params).first()
+        row = upsert.first(conn, params)
         return None if row is None else (int(row.balance_units), int(row.last_seq))
     # MariaDB: a conditional update (which locks the row), then a locking read
     # that tells an absent account from one at its limit.
-    applied = conn.execute(_CREDIT, params).rowcount
+    applied = _CREDIT.rowcount(conn, params)
     locked = lock_account(conn, user_id)
     if locked is None:
         try:
@@ -223,9 +229,9 @@ def credit(
     return (int(locked.balance_units), int(locked.last_seq)) if applied == 1 else None
 
 
-_INSERT_ENTRY = insert(entries)
 _ENTRY_COLUMNS = [column.name for column in entries.columns]
-_GUARDED_INSERT_ENTRY = (
+_INSERT_ENTRY = PreparedStatement(insert(entries), column_keys=_ENTRY_COLUMNS)
+_GUARDED_INSERT_ENTRY = PreparedStatement(
     insert(entries)
     .from_select(
         _ENTRY_COLUMNS,
@@ -239,7 +245,7 @@ _GUARDED_INSERT_ENTRY = (
             )
         ),
     )
-    # rowcount of an INSERT is only kept on request.
+    # rowcount of an INSERT is only kept on request (Connection.execute).
     .execution_options(preserve_rowcount=True)
 )
 
@@ -255,12 +261,11 @@ def insert_entry(
     debit locked the account, so it sees every hold committed before the lock.
     """
     if require_available is None:
-        conn.execute(_INSERT_ENTRY, values)
+        _INSERT_ENTRY.rowcount(conn, values)
         return True
     params = {f"v_{name}": value for name, value in values.items()}
     params["p_now"] = require_available
-    result = conn.execute(_GUARDED_INSERT_ENTRY, params)
-    return bool(result.rowcount == 1)
+    return _GUARDED_INSERT_ENTRY.rowcount(conn, params) == 1
 
 
 def entry_by_reference(conn: Connection, user_id: str, type_: str, reference: str) -> str | None:
@@ -299,25 +304,29 @@ def add_refunded(conn: Connection, entry_id: str, units: int) -> bool:
     return bool(conn.execute(stmt).rowcount == 1)
 
 
-_FIND_IDEMPOTENCY = select(
-    idempotency.c.fingerprint,
-    idempotency.c.status_code,
-    idempotency.c.response_body,
-    idempotency.c.expires_at,
-).where(idempotency.c.key_hash == bindparam("p_key_hash", type_=idempotency.c.key_hash.type))
+_FIND_IDEMPOTENCY = PreparedStatement(
+    select(
+        idempotency.c.fingerprint,
+        idempotency.c.status_code,
+        idempotency.c.response_body,
+        idempotency.c.expires_at,
+    ).where(idempotency.c.key_hash == bindparam("p_key_hash", type_=idempotency.c.key_hash.type))
+)
 
 
 def find_idempotency(conn: Connection, key_hash: str) -> Any:
     """The record of a claimed key, expired or not; a plain (non-locking) read."""
-    return conn.execute(_FIND_IDEMPOTENCY, {"p_key_hash": key_hash}).first()
+    return _FIND_IDEMPOTENCY.first(conn, {"p_key_hash": key_hash})
 
 
-_INSERT_IDEMPOTENCY = insert(idempotency)
+_INSERT_IDEMPOTENCY = PreparedStatement(
+    insert(idempotency), column_keys=[column.name for column in idempotency.columns]
+)
 
 
 def insert_idempotency(conn: Connection, values: dict[str, Any]) -> None:
     """Claim a key with its response; a duplicate raises ``IntegrityError``."""
-    conn.execute(_INSERT_IDEMPOTENCY, values)
+    _INSERT_IDEMPOTENCY.rowcount(conn, values)
 
 
 def delete_expired_idempotency(conn: Connection, now: datetime) -> int:

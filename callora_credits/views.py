@@ -19,7 +19,7 @@ from .errors import (
     PayloadTooLarge,
     ValidationError,
 )
-from .extension import current_ledger
+from .extension import ledger_for
 from .idempotency import Idempotency, canonical_fingerprint, valid_key
 from .ledger import (
     Adjust,
@@ -211,7 +211,7 @@ class _WriteRequest:
             fingerprint=canonical_fingerprint(self.data),
             request_id=request_id(),
         )
-        outcome = current_ledger().execute(operation, idem)
+        outcome = ledger_for(self.cfg).execute(operation, idem)
         response = Response(outcome.body, status=outcome.status, mimetype="application/json")
         if outcome.replayed:
             response.headers["Idempotent-Replayed"] = "true"
@@ -249,7 +249,7 @@ def get_balance() -> Response:
     caller = _caller(cfg)
     query: BalanceQuery = _query(BalanceQuery)
     user_id = caller.target_user(query.user_id, cfg)
-    balance = current_ledger().get_or_create_by_user_id(user_id)
+    balance = ledger_for(cfg).get_or_create_by_user_id(user_id)
     return json_response(balance_json(balance))
 
 
@@ -381,7 +381,7 @@ def list_transactions() -> Response:
                     details=[{"field": name, "message": "Date out of range", "code": "range"}]
                 ) from None
     try:
-        page = current_ledger().history(
+        page = ledger_for(cfg).history(
             user_id,
             limit=_limit(query.limit, cfg),
             cursor=query.cursor,
@@ -409,7 +409,7 @@ def get_transaction(transaction_id: str) -> Response:
     cfg = config()
     caller = _caller(cfg)
     _query(_NoQuery)
-    entry = current_ledger().get_entry(transaction_id)
+    entry = ledger_for(cfg).get_entry(transaction_id)
     return json_response(_visible(entry, caller, cfg, "No such transaction").as_json())
 
 
@@ -490,7 +490,7 @@ def list_holds() -> Response:
     query: HoldsQuery = _query(HoldsQuery)
     user_id = caller.target_user(query.user_id, cfg)
     try:
-        page = current_ledger().pending_holds(
+        page = ledger_for(cfg).pending_holds(
             user_id, limit=_limit(query.limit, cfg), cursor=query.cursor
         )
     except ValueError:
@@ -513,7 +513,7 @@ def get_hold(hold_id: str) -> Response:
     cfg = config()
     caller = _caller(cfg)
     _query(_NoQuery)
-    hold = current_ledger().get_hold(hold_id)
+    hold = ledger_for(cfg).get_hold(hold_id)
     return json_response(_visible(hold, caller, cfg, "No such hold").as_json())
 
 

@@ -426,3 +426,107 @@ def test_current_caller_for_host_routes(app, client, auth):
     assert ok.json == {"user_id": "carol", "scopes": ["credits:admin"]}
     denied = client.get("/whoami")
     assert (denied.status_code, denied.json["code"]) == (401, "UNAUTHORIZED")
+
+
+# --- the same verdicts as Flask-JWT-Extended's decode_token ------------------------
+
+
+def _verdict(decode: Any, token: str) -> tuple[str, Any]:
+    try:
+        return "ok", decode(token)
+    except Exception:  # which check refused first may differ; that it refused may not
+        return "refused", None
+
+
+def _tokens(user: str) -> dict[str, str]:
+    good = claims(user)
+    no_jti = {key: value for key, value in good.items() if key not in ("jti", "type", "fresh")}
+    sign = SECRET.encode()
+    return {
+        "valid": raw_token({"alg": "HS256", "typ": "JWT"}, good, sign),
+        "no jti, type or fresh": raw_token({"alg": "HS256", "typ": "JWT"}, no_jti, sign),
+        "expired": raw_token({"alg": "HS256"}, claims(user, exp=int(time.time()) - 60), sign),
+        "not yet valid": raw_token(
+            {"alg": "HS256"}, claims(user, nbf=int(time.time()) + 600), sign
+        ),
+        "wrong key": raw_token({"alg": "HS256"}, good, OTHER_SECRET.encode()),
+        "alg none": raw_token({"alg": "none"}, good, None),
+        "no identity": raw_token(
+            {"alg": "HS256"}, {k: v for k, v in good.items() if k != "sub"}, sign
+        ),
+        "identity not a string": raw_token({"alg": "HS256"}, claims(user, sub=42), sign),
+        "payload is a list": ".".join((_b64(b'{"alg":"HS256"}'), _b64(b"[1]"), _b64(b"x"))),
+        "header not JSON": f"{_b64(b'nope')}.{_b64(json.dumps(good).encode())}.{_b64(b'x')}",
+        "two segments": f"{_b64(b'{}')}.{_b64(b'{}')}",
+        "garbage": "not-a-token",
+        "audience present, none expected": raw_token(
+            {"alg": "HS256"}, claims(user, aud="someone-else"), sign
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"JWT_DECODE_AUDIENCE": "credits-api"}, {"JWT_DECODE_LEEWAY": 120}],
+    ids=["defaults", "audience", "leeway"],
+)
+def test_verification_matches_decode_token(host, user_id, settings):
+    """Parsing the token once decides exactly as decode_token's three parses."""
+    from flask_jwt_extended import decode_token
+
+    from callora_credits.auth import _decode
+
+    app = host(**settings)
+    with app.app_context():
+        for name, token in _tokens(user_id).items():
+            ours = _verdict(lambda t: _decode(t)[1], token)
+            theirs = _verdict(decode_token, token)
+            assert ours == theirs, name
+
+
+def test_host_decode_key_loader_is_used(host, user_id):
+    """Per-issuer keys: the loader sees the unverified header and claims."""
+    app = host()
+    manager: JWTManager = app.extensions["flask-jwt-extended"]
+    keys = {"tenant-a": "tenant-a-secret-key-long-enough-for-hs256"}
+    seen: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    @manager.decode_key_loader
+    def key_for(header: dict[str, Any], payload: dict[str, Any]) -> str:
+        seen.append((header, payload))
+        return keys.get(payload.get("iss", ""), "no-such-tenant-key-long-enough-for-hs256")
+
+    client = app.test_client()
+    token = raw_token(
+        {"alg": "HS256", "kid": "k1"},
+        claims(user_id, iss="tenant-a"),
+        keys["tenant-a"].encode(),
+    )
+    response = client.get(BASE, headers=bearer(token))
+    assert response.status_code == 200, response.json
+    assert seen[-1][0]["kid"] == "k1"
+    assert seen[-1][1]["iss"] == "tenant-a"
+    # Signed with the app's own secret, but the loader names another key.
+    other = raw_token({"alg": "HS256"}, claims(user_id, iss="tenant-b"), SECRET.encode())
+    assert_error(client.get(BASE, headers=bearer(other)), 401, "INVALID_TOKEN")
+
+
+def test_loaders_get_decode_tokens_defaults(host, user_id):
+    """A token without jti/type/fresh reaches the host's loaders as decode_token
+    would hand it over, so a blocklist reading payload["jti"] does not fail."""
+    app = host()
+    manager: JWTManager = app.extensions["flask-jwt-extended"]
+    payloads: list[dict[str, Any]] = []
+
+    @manager.token_in_blocklist_loader
+    def is_revoked(jwt_header: dict[str, Any], jwt_payload: dict[str, Any]) -> bool:
+        payloads.append(jwt_payload)
+        return jwt_payload["jti"] is not None and jwt_payload["jti"] == "revoked"
+
+    bare = {k: v for k, v in claims(user_id).items() if k not in ("jti", "type", "fresh")}
+    token = raw_token({"alg": "HS256", "typ": "JWT"}, bare, SECRET.encode())
+    response = app.test_client().get(BASE, headers=bearer(token))
+    assert response.status_code == 200, response.json
+    assert payloads[-1]["jti"] is None
+    assert payloads[-1]["type"] == "access"
+    assert payloads[-1]["fresh"] is False
