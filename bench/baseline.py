@@ -73,12 +73,12 @@ BALANCE_SELECT = (
     "SELECT credits.user_id, credits.balance_units, credits.created_at, credits.updated_at, "
     "(SELECT coalesce(sum(credits_holds.amount_units), %(coalesce_2)s::INTEGER) AS coalesce_1 \n"
     "FROM credits_holds \n"
-    "WHERE credits_holds.user_id = credits.user_id "
+    "WHERE credits_holds.user_id = %(p_user_id)s::VARCHAR "
     "AND credits_holds.status = %(status_1)s::VARCHAR "
-    "AND credits_holds.expires_at > %(expires_at_1)s::TIMESTAMP WITHOUT TIME ZONE) "
+    "AND credits_holds.expires_at > %(p_now)s::TIMESTAMP WITHOUT TIME ZONE) "
     "AS held_units \n"
     "FROM credits \n"
-    "WHERE credits.user_id = %(user_id_1)s::VARCHAR"
+    "WHERE credits.user_id = %(p_user_id)s::VARCHAR"
 )
 
 # store.insert_account_if_missing(): only for a first read (not benchmarked).
@@ -154,7 +154,7 @@ def read_balance_row(conn: psycopg.Connection[Any], user_id: str) -> tuple[Any, 
     Returns ``(user_id, balance_units, created_at, updated_at, held_units)``.
     """
     now = utcnow_naive()
-    params = {"coalesce_2": 0, "status_1": "pending", "expires_at_1": now, "user_id_1": user_id}
+    params = {"coalesce_2": 0, "status_1": "pending", "p_now": now, "p_user_id": user_id}
     try:
         row = conn.execute(BALANCE_SELECT, params).fetchone()
         if row is None:

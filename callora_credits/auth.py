@@ -20,6 +20,7 @@ import jwt
 from flask import current_app, request
 from flask_jwt_extended import decode_token
 from flask_jwt_extended.config import config as jwt_config
+from flask_jwt_extended.default_callbacks import default_decode_key_callback
 from flask_jwt_extended.exceptions import JWTDecodeError, JWTExtendedException
 from flask_jwt_extended.internal_utils import (
     custom_verification_for_token,
@@ -127,9 +128,10 @@ def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     identity claim. Returns ``(header, claims)``.
 
     ``decode_token`` parses a token three times (twice unverified, for the key
-    loader); this reads the loader's inputs from the segments and parses
-    with verification once. On a Flask-JWT-Extended that keeps its loader or
-    settings elsewhere, ``decode_token`` itself runs.
+    loader); this parses it with verification once, and reads the loader's
+    inputs from the segments only when the host has registered a loader. On
+    a Flask-JWT-Extended that keeps its loader or settings elsewhere,
+    ``decode_token`` itself runs.
     """
     manager = current_app.extensions["flask-jwt-extended"]
     key_loader = getattr(manager, "_decode_key_callback", None)
@@ -137,10 +139,12 @@ def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if key_loader is None or verify_sub is None:
         claims: dict[str, Any] = decode_token(token)
         return _segment(token, 0), claims
-    header = _segment(token, 0)
-    secret = key_loader(header, _segment(token, 1))
+    if key_loader is default_decode_key_callback:
+        secret = jwt_config.decode_key
+    else:
+        secret = key_loader(_segment(token, 0), _segment(token, 1))
     audience = jwt_config.decode_audience
-    claims = jwt.decode(
+    decoded = jwt.decode_complete(
         token,
         secret,
         algorithms=jwt_config.decode_algorithms,
@@ -149,6 +153,8 @@ def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
         leeway=jwt_config.leeway,
         options={"verify_aud": audience is not None, "verify_sub": verify_sub},
     )
+    header: dict[str, Any] = decoded["header"]
+    claims = decoded["payload"]
     if jwt_config.identity_claim_key not in claims:
         raise JWTDecodeError(f"Missing claim: {jwt_config.identity_claim_key}")
     # The defaults decode_token fills in, which blocklist and verification

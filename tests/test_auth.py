@@ -273,12 +273,16 @@ def test_revoked_token_via_host_blocklist(client, app, user_id):
     revoked: set[str] = set()
     manager: JWTManager = app.extensions["flask-jwt-extended"]
 
+    headers: list[dict[str, Any]] = []
+
     @manager.token_in_blocklist_loader
     def is_revoked(jwt_header: dict[str, Any], jwt_payload: dict[str, Any]) -> bool:
+        headers.append(jwt_header)
         return jwt_payload["jti"] in revoked
 
     token = make_token(user_id)
     assert client.get(BASE, headers=bearer(token)).status_code == 200
+    assert headers == [jwt.get_unverified_header(token)]  # the token's own header
     revoked.add(jwt.decode(token, options={"verify_signature": False})["jti"])
     assert_error(client.get(BASE, headers=bearer(token)), 401, "INVALID_TOKEN")
     assert client.get(BASE, headers=bearer(make_token(user_id))).status_code == 200
@@ -438,6 +442,9 @@ def _verdict(decode: Any, token: str) -> tuple[str, Any]:
         return "refused", None
 
 
+ISSUER = "https://issuer.example"
+
+
 def _tokens(user: str) -> dict[str, str]:
     good = claims(user)
     no_jti = {key: value for key, value in good.items() if key not in ("jti", "type", "fresh")}
@@ -462,26 +469,43 @@ def _tokens(user: str) -> dict[str, str]:
         "audience present, none expected": raw_token(
             {"alg": "HS256"}, claims(user, aud="someone-else"), sign
         ),
+        "expected audience": raw_token({"alg": "HS256"}, claims(user, aud="credits-api"), sign),
+        "expected issuer": raw_token({"alg": "HS256"}, claims(user, iss=ISSUER), sign),
+        "other issuer": raw_token(
+            {"alg": "HS256"}, claims(user, iss="https://elsewhere.example"), sign
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"JWT_DECODE_AUDIENCE": "credits-api"}, {"JWT_DECODE_LEEWAY": 120}],
-    ids=["defaults", "audience", "leeway"],
+    [
+        {},
+        {"JWT_DECODE_AUDIENCE": "credits-api"},
+        {"JWT_DECODE_ISSUER": ISSUER},
+        {"JWT_DECODE_LEEWAY": 120},
+    ],
+    ids=["defaults", "audience", "issuer", "leeway"],
 )
-def test_verification_matches_decode_token(host, user_id, settings):
+@pytest.mark.parametrize("own_loader", [False, True], ids=["default-key", "host-key-loader"])
+def test_verification_matches_decode_token(host, user_id, settings, own_loader):
     """Parsing the token once decides exactly as decode_token's three parses."""
     from flask_jwt_extended import decode_token
 
     from callora_credits.auth import _decode
 
     app = host(**settings)
+    if own_loader:
+        manager: JWTManager = app.extensions["flask-jwt-extended"]
+        manager.decode_key_loader(lambda header, payload: SECRET)
     with app.app_context():
+        verdicts = set()
         for name, token in _tokens(user_id).items():
             ours = _verdict(lambda t: _decode(t)[1], token)
             theirs = _verdict(decode_token, token)
             assert ours == theirs, name
+            verdicts.add(ours[0])
+    assert verdicts == {"ok", "refused"}  # each setting accepts some tokens and refuses others
 
 
 def test_host_decode_key_loader_is_used(host, user_id):
