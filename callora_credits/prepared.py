@@ -141,17 +141,17 @@ class PreparedStatement:
 
     def first(self, conn: Connection, params: Mapping[str, Any]) -> Any:
         """The first row (a named tuple), or ``None``."""
+        form = self._form(conn.dialect)  # compiled (and checked) on both paths
         if _instrumented(conn):
             return conn.execute(self.clause, params).first()
-        form = self._form(conn.dialect)
         return self._run(conn, form, params, fetch=True)
 
     def rowcount(self, conn: Connection, params: Mapping[str, Any]) -> int:
         """Run the statement; the number of rows it matched."""
+        form = self._form(conn.dialect)
         if _instrumented(conn):
             result = conn.execute(self.clause, params)
             return int(result.rowcount)
-        form = self._form(conn.dialect)
         return int(self._run(conn, form, params, fetch=False))
 
     def _run(

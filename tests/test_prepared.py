@@ -108,6 +108,17 @@ def test_statements_with_per_execution_parts_are_refused(engine):
     with engine.connect() as conn, pytest.raises(ValueError, match="bound by the caller"):
         expanding.first(conn, {})
 
+    # A listener sends statements through Connection.execute; the refusal stays.
+    def listener(*args: object) -> None:
+        pass
+
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        with engine.connect() as conn, pytest.raises(ValueError, match="bound by the caller"):
+            expanding.first(conn, {})
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+
 
 def test_the_fast_path_stays_off_connection_execute(engine, user_id, monkeypatch):
     calls: list[object] = []
