@@ -16,6 +16,9 @@ setup(
     python_requires=">=3.10",
     packages=[
         "callora_credits",
+        "callora_credits.core",
+        "callora_credits.db",
+        "callora_credits.http",
         "callora_credits.migrations",
         "callora_credits.migrations.versions",
     ],

@@ -1,6 +1,6 @@
 """The floor the library is measured against: the same SQL, no library code.
 
-The statements below are copied from what ``callora_credits/store.py`` emits
+The statements below are copied from what ``callora_credits/db/store.py`` emits
 on PostgreSQL through SQLAlchemy's psycopg 3 dialect (same text, same casts,
 same named parameters), so the database does the same work for both sides
 and psycopg's automatic server-side prepare treats them alike. Each operation

@@ -7,24 +7,24 @@ app.register_blueprint(credits_bp, url_prefix="/api/billing")
 from __future__ import annotations
 
 from . import cli as _cli  # noqa: F401  (registers `flask credits`)
-from . import signals as signals
-from . import views as _views  # noqa: F401  (registers the routes)
-from .auth import Caller as Caller
-from .auth import current_caller as current_caller
-from .blueprint import credits_bp as credits_bp
+from .core import signals as signals
+from .core.ledger import Balance as Balance
+from .core.ledger import Entry as Entry
+from .core.ledger import Hold as Hold
+from .core.ledger import Ledger as Ledger
+from .core.money import UNITS_PER_USDC as UNITS_PER_USDC
+from .core.money import format_units as format_units
+from .core.money import parse_amount as parse_amount
+from .db.models import metadata as metadata
 from .errors import CreditsError as CreditsError
 from .extension import current_ledger as current_ledger
-from .ledger import Balance as Balance
-from .ledger import Entry as Entry
-from .ledger import Hold as Hold
-from .ledger import Ledger as Ledger
-from .metering import charge_credits as charge_credits
-from .metering import set_final_price as set_final_price
+from .http import views as _views  # noqa: F401  (registers the routes)
+from .http.auth import Caller as Caller
+from .http.auth import current_caller as current_caller
+from .http.blueprint import credits_bp as credits_bp
+from .http.metering import charge_credits as charge_credits
+from .http.metering import set_final_price as set_final_price
 from .migrate import include_name as include_name
-from .models import metadata as metadata
-from .money import UNITS_PER_USDC as UNITS_PER_USDC
-from .money import format_units as format_units
-from .money import parse_amount as parse_amount
 
 __all__ = [
     "UNITS_PER_USDC",

@@ -9,10 +9,10 @@ from flask import current_app
 from sqlalchemy.engine import Engine
 
 from . import migrate
-from .blueprint import credits_bp
+from .core.money import AmountError, format_units, parse_amount
 from .errors import CreditsError
 from .extension import current_ledger
-from .money import AmountError, format_units, parse_amount
+from .http.blueprint import credits_bp
 
 __all__: list[str] = []
 
@@ -137,6 +137,6 @@ def prune() -> None:
 @click.option("--prefix", default="/api/billing", show_default=True)
 def openapi(prefix: str) -> None:
     """Print the OpenAPI document."""
-    from .openapi import build_document
+    from .http.openapi import build_document
 
     click.echo(json.dumps(build_document(prefix), indent=2))

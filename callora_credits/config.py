@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import current_app
 
-from .money import parse_limit
+from .core.money import parse_limit
 
 __all__ = ["DEFAULTS", "CreditsConfig", "config"]
 

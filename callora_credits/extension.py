@@ -9,8 +9,8 @@ from flask import current_app
 from sqlalchemy.engine import Engine
 
 from .config import CreditsConfig, config
-from .ledger import Clock, Ledger, utcnow
-from .unit_of_work import RetryStats
+from .core.ledger import Clock, Ledger, utcnow
+from .db.unit_of_work import RetryStats
 
 __all__ = ["CreditsState", "current_ledger", "ledger_for", "state"]
 
@@ -60,7 +60,7 @@ def state() -> CreditsState:
 
 
 def current_ledger() -> Ledger:
-    """The :class:`~callora_credits.ledger.Ledger` of the current app.
+    """The :class:`~callora_credits.core.ledger.Ledger` of the current app.
 
     Runs on the host's Flask-SQLAlchemy default engine with the app's
     ``CREDITS_*`` configuration.

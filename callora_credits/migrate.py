@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from .models import metadata
+from .db.models import metadata
 
 __all__ = [
     "LIBRARY_TABLES",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from alembic import context
 
+from callora_credits.db.models import metadata
 from callora_credits.migrate import VERSION_TABLE
-from callora_credits.models import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - misuse

@@ -16,8 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from callora_credits.ledger import Entry
-from callora_credits.models import Account, IdempotencyRecord, LedgerEntry
+from callora_credits.core.ledger import Entry
+from callora_credits.db.models import Account, IdempotencyRecord, LedgerEntry
 
 __all__ = [
     "Reply",

@@ -19,7 +19,7 @@ from flask import Flask
 from flask_jwt_extended import JWTManager
 
 from callora_credits import credits_bp
-from callora_credits.models import Account
+from callora_credits.db.models import Account
 
 BASE = "/api/billing/credits"
 OTHER_SECRET = "another-secret-key-that-is-long-enough-for-hs256"
@@ -492,7 +492,7 @@ def test_verification_matches_decode_token(host, user_id, settings, own_loader):
     """Parsing the token once decides exactly as decode_token's three parses."""
     from flask_jwt_extended import decode_token
 
-    from callora_credits.auth import _decode
+    from callora_credits.http.auth import _decode
 
     app = host(**settings)
     if own_loader:

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from conftest import make_app, make_token
 from flask import Flask
 
-from callora_credits.models import Account
+from callora_credits.db.models import Account
 
 BASE = "/api/billing/credits"
 BALANCE_KEYS = {

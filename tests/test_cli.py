@@ -7,7 +7,7 @@ import json
 import sqlalchemy as sa
 
 from callora_credits import current_ledger
-from callora_credits.models import Account
+from callora_credits.db.models import Account
 
 
 def test_topup_balance_history(app, user_id):

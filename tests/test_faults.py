@@ -36,8 +36,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
 
-from callora_credits.unit_of_work import RetryStats, Tx
-from callora_credits.unit_of_work import run as run_unit
+from callora_credits.db.unit_of_work import RetryStats, Tx
+from callora_credits.db.unit_of_work import run as run_unit
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

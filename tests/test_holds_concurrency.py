@@ -8,8 +8,8 @@ import threading
 import sqlalchemy as sa
 
 from callora_credits import current_ledger
+from callora_credits.db.models import Account, Hold, LedgerEntry
 from callora_credits.errors import CreditsError
-from callora_credits.models import Account, Hold, LedgerEntry
 
 
 def test_mix_of_charges_holds_captures_releases(app, user_id):

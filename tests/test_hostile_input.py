@@ -21,7 +21,7 @@ from conftest import ADMIN_SCOPE, SERVICE_SCOPE, assert_error, make_token
 from flask import Flask, request
 from werkzeug.serving import DechunkedInput
 
-from callora_credits.models import Account, IdempotencyRecord, LedgerEntry
+from callora_credits.db.models import Account, IdempotencyRecord, LedgerEntry
 
 BASE = "/api/billing/credits"
 TEN_KB = 10 * 1024

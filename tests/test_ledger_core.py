@@ -6,6 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from callora_credits import current_ledger, signals
+from callora_credits.db.models import LedgerEntry
 from callora_credits.errors import (
     BalanceLimitExceeded,
     DuplicateReference,
@@ -14,7 +15,6 @@ from callora_credits.errors import (
     NotFound,
     RefundExceedsCharge,
 )
-from callora_credits.models import LedgerEntry
 
 U = 10_000_000  # units per USDC
 

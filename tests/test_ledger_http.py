@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE
 
-from callora_credits.models import Account, LedgerEntry
+from callora_credits.db.models import Account, LedgerEntry
 
 BASE = "/api/billing/credits"
 

@@ -22,7 +22,7 @@ from conftest import Databases, make_app
 from sqlalchemy.engine import Engine
 
 from callora_credits import include_name, migrate
-from callora_credits.models import Account, metadata
+from callora_credits.db.models import Account, metadata
 
 DATA_TABLES = frozenset(metadata.tables)
 

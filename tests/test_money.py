@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from callora_credits.money import (
+from callora_credits.core.money import (
     UNITS_PER_USDC,
     AmountError,
     format_units,

@@ -16,7 +16,7 @@ def test_walk_a_thousand_entries_while_new_ones_arrive(app, client, auth, user_i
         ledger = current_ledger()
         engine = ledger.engine
         with engine.begin() as conn:  # a long history, written directly and fast
-            from callora_credits.store import accounts, entries
+            from callora_credits.db.store import accounts, entries
 
             now = ledger._now()
             conn.execute(

@@ -9,8 +9,9 @@ from sqlalchemy import event, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from callora_credits import current_ledger, store
-from callora_credits.prepared import PreparedStatement
+from callora_credits import current_ledger
+from callora_credits.db import store
+from callora_credits.db.prepared import PreparedStatement
 
 
 @pytest.fixture

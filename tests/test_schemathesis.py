@@ -34,8 +34,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-import callora_credits.views  # noqa: F401  (registers the routes the document lists)
-from callora_credits.openapi import build_document
+import callora_credits.http.views  # noqa: F401  (registers the routes the document lists)
+from callora_credits.http.openapi import build_document
 
 PREFIX = "/api/billing"
 DOCUMENT = f"{PREFIX}/openapi.json"

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from conftest import ADMIN_SCOPE, SECRET, SERVICE_SCOPE, assert_error, make_token
 from flask import Flask
 
-from callora_credits.models import Account, Hold, LedgerEntry
+from callora_credits.db.models import Account, Hold, LedgerEntry
 
 BASE = "/api/billing/credits"
 BOTH = f"{ADMIN_SCOPE} {SERVICE_SCOPE}"

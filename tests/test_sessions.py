@@ -9,8 +9,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from callora_credits import current_ledger, signals
+from callora_credits.db.models import Account
 from callora_credits.errors import InsufficientCredits
-from callora_credits.models import Account
 
 
 def test_joined_operations_commit_and_roll_back_with_the_host(app, user_id):

@@ -2,7 +2,7 @@
 
 Transaction control (BEGIN, COMMIT, ROLLBACK) is not counted. Each budget is
 checked on both ways a hot statement can be sent (see
-``callora_credits/prepared.py``): through ``Connection.execute``, counted
+``callora_credits/db/prepared.py``): through ``Connection.execute``, counted
 with SQLAlchemy's cursor events (a listener selects that path), and on the
 transaction's DBAPI cursor, counted by a spy that calls through.
 """
@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from callora_credits import current_ledger
-from callora_credits.prepared import PreparedStatement
+from callora_credits.db.prepared import PreparedStatement
 
 CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
 

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic import ValidationError as PydanticValidationError
 
-from .errors import Detail, ValidationError
-from .ledger import Balance, HoldPage, Page, iso
-from .money import format_units
+from ..core.ledger import Balance, HoldPage, Page, iso
+from ..core.money import format_units
+from ..errors import Detail, ValidationError
 
 __all__ = [
     "AdjustmentIn",

@@ -2,7 +2,7 @@
 
 Best-effort: a crash between commit and send loses the signal; the ledger is
 the record. Receivers get the app as sender and keyword arguments:
-``entry`` (an :class:`~callora_credits.ledger.Entry`) for ledger changes,
+``entry`` (an :class:`~callora_credits.core.ledger.Entry`) for ledger changes,
 ``hold`` for hold events, ``user_id`` and ``balance_units`` for balance events.
 """
 

@@ -18,13 +18,13 @@ from typing import Any, TypeVar, cast
 
 from flask import Request, Response, current_app, make_response, request
 
-from . import signals
+from ..config import config
+from ..core import signals
+from ..core.money import format_units, parse_amount
+from ..errors import CreditsError
+from ..extension import current_ledger
 from .auth import authenticate
 from .blueprint import json_response, request_id
-from .config import config
-from .errors import CreditsError
-from .extension import current_ledger
-from .money import format_units, parse_amount
 
 __all__ = ["charge_credits", "set_final_price"]
 

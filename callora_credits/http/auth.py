@@ -30,8 +30,8 @@ from jwt.exceptions import InvalidSubjectError
 from jwt.utils import base64url_decode
 from werkzeug.datastructures import Headers
 
-from .config import CreditsConfig, config
-from .errors import Forbidden, Unauthorized
+from ..config import CreditsConfig, config
+from ..errors import Forbidden, Unauthorized
 
 __all__ = ["Caller", "authenticate", "current_caller", "valid_identity"]
 

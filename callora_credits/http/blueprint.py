@@ -20,8 +20,8 @@ from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import Map, PathConverter, Rule
 
-from .config import DEFAULTS
-from .errors import (
+from ..config import DEFAULTS
+from ..errors import (
     CreditsError,
     InternalError,
     MethodNotAllowed,
@@ -32,7 +32,7 @@ from .errors import (
     new_request_id,
     sanitize_request_id,
 )
-from .extension import EXTENSION_KEY, CreditsState
+from ..extension import EXTENSION_KEY, CreditsState
 
 __all__ = ["Operation", "credits_bp", "json_response", "operation", "request_id"]
 
@@ -137,7 +137,7 @@ def _setup(setup_state: BlueprintSetupState) -> None:
             "authenticating gateway, set CREDITS_TRUST_USER_ID_HEADER = True "
             "to accept X-User-Id."
         )
-    from .config import CreditsConfig
+    from ..config import CreditsConfig
 
     CreditsConfig(app.config)  # fail now, not on the first request, on a bad limit
     app.extensions[EXTENSION_KEY] = CreditsState()

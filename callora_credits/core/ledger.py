@@ -23,9 +23,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import signals, store
-from .config import CreditsConfig
-from .errors import (
+from ..config import CreditsConfig
+from ..db import store
+from ..db.unit_of_work import RetryStats, RetryTransaction, Tx, run
+from ..errors import (
     BalanceLimitExceeded,
     CreditsError,
     DuplicateReference,
@@ -40,9 +41,9 @@ from .errors import (
     dumps,
     error_from_body,
 )
+from . import signals
 from .idempotency import Idempotency, Outcome
 from .money import format_units, parse_units
-from .unit_of_work import RetryStats, RetryTransaction, Tx, run
 
 __all__ = [
     "Adjust",

@@ -10,18 +10,9 @@ from typing import Any, TypeVar
 from flask import Response, request
 from pydantic import BaseModel
 
-from .auth import Caller, authenticate
-from .blueprint import json_response, operation, register_routing_fallbacks, request_id
-from .config import CreditsConfig, config
-from .errors import (
-    IdempotencyKeyRequired,
-    NotFound,
-    PayloadTooLarge,
-    ValidationError,
-)
-from .extension import ledger_for
-from .idempotency import Idempotency, canonical_fingerprint, valid_key
-from .ledger import (
+from ..config import CreditsConfig, config
+from ..core.idempotency import Idempotency, canonical_fingerprint, valid_key
+from ..core.ledger import (
     Adjust,
     Capture,
     Charge,
@@ -33,7 +24,16 @@ from .ledger import (
     Release,
     TopUp,
 )
-from .money import AmountError, parse_amount
+from ..core.money import AmountError, parse_amount
+from ..errors import (
+    IdempotencyKeyRequired,
+    NotFound,
+    PayloadTooLarge,
+    ValidationError,
+)
+from ..extension import ledger_for
+from .auth import Caller, authenticate
+from .blueprint import json_response, operation, register_routing_fallbacks, request_id
 from .schemas import (
     AdjustmentIn,
     BalanceOut,
