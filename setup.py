@@ -38,6 +38,8 @@ setup(
         "flask-jwt-extended>=4.6",
         "pydantic>=2.5",
         "alembic>=1.12",
+        # Unpack for the typed keyword arguments of Ledger.top_up/charge on 3.10.
+        "typing-extensions>=4.6",
     ],
     extras_require={
         "postgres": ["psycopg[binary]>=3.1"],

@@ -94,7 +94,7 @@ def topup(user_id: str, amount: str, reference: str | None, description: str | N
 def history(user_id: str, limit: int) -> None:
     """Print USER_ID's newest ledger entries."""
     page = current_ledger().history(user_id, limit=limit)
-    for entry in page.entries:
+    for entry in page.items:
         click.echo(
             f"{entry.seq:>6} {entry.created_at:%Y-%m-%d %H:%M:%S} {entry.type:<12} "
             f"{format_units(entry.amount_units):>22} {format_units(entry.balance_after_units):>22}"

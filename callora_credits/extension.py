@@ -9,7 +9,8 @@ from flask import current_app
 from sqlalchemy.engine import Engine
 
 from .config import CreditsConfig, config
-from .core.ledger import Clock, Ledger, utcnow
+from .core.clock import Clock, utcnow
+from .core.ledger import Ledger
 from .db.unit_of_work import RetryStats
 
 __all__ = ["CreditsState", "current_ledger", "ledger_for", "state"]

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from callora_credits.core.ledger import Entry
+from callora_credits.core.records import Entry
 from callora_credits.db.models import Account, IdempotencyRecord, LedgerEntry
 
 __all__ = [

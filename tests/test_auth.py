@@ -415,7 +415,7 @@ def test_non_admin_scope_cannot_use_user_id(client, app, auth, user_id, scopes):
 
 
 def test_current_caller_for_host_routes(app, client, auth):
-    from callora_credits import current_caller
+    from callora_credits import current_caller, error_response
     from callora_credits.errors import CreditsError
 
     @app.get("/whoami")
@@ -423,7 +423,7 @@ def test_current_caller_for_host_routes(app, client, auth):
         try:
             caller = current_caller()
         except CreditsError as error:
-            return error.body("req"), error.status
+            return error_response(error)
         return {"user_id": caller.user_id, "scopes": sorted(caller.scopes)}
 
     ok = client.get("/whoami", headers=auth("carol", scopes="credits:admin"))

@@ -83,7 +83,7 @@ class LiveApp:
 
     def entries(self, user_id: str) -> list[Any]:
         with self.app.app_context():
-            return current_ledger().history(user_id, limit=100).entries
+            return current_ledger().history(user_id, limit=100).items
 
 
 @pytest.fixture(scope="module")

@@ -702,3 +702,80 @@ def test_paths_with_newlines_are_json_404s(client, admin, path):
         response = client.open(path, method=method, headers={**admin, **key()})
         assert response.mimetype == "application/json", response.get_data(as_text=True)[:200]
         assert_error(response, 404, "NOT_FOUND")
+
+
+# --- cursors, identity before id shape, response headers ------------------------------
+
+
+def _cursor(text: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        _cursor(f"s:{2**63}"),  # past BIGINT
+        _cursor(f"s:{10**30}"),
+        _cursor("s:0"),
+        _cursor("s:-1"),
+        _cursor("s:1:2"),
+        _cursor("h:20260101000000000000:hold_00"),  # a holds cursor
+        _cursor("s:1") + "A",  # not the canonical encoding
+        "%00",
+        "a" * 200,
+    ],
+)
+def test_bad_transaction_cursors_are_400_before_any_sql(client, admin, user_id, cursor):
+    response = client.get(f"{BASE}/transactions?user_id={user_id}&cursor={cursor}", headers=admin)
+    assert_error(response, 400, "VALIDATION_ERROR")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        _cursor("h:20260101000000000000:hold_\x00"),  # NUL in the id
+        _cursor("h:20260101000000000000:' OR 1=1"),
+        _cursor("h:20261399000000000000:hold_00"),  # not a date
+        _cursor("h:2026010100000000000x:hold_00"),
+        _cursor(f"s:{2**63}"),  # an entries cursor
+        _cursor("h::hold_00"),
+    ],
+)
+def test_bad_hold_cursors_are_400_before_any_sql(client, admin, user_id, cursor):
+    response = client.get(f"{BASE}/holds?user_id={user_id}&cursor={cursor}", headers=admin)
+    assert_error(response, 400, "VALIDATION_ERROR")
+
+
+def test_identity_is_checked_before_the_shape_of_an_id(client):
+    for method, path in (
+        ("GET", f"{BASE}/transactions/{'x' * 100}"),
+        ("GET", f"{BASE}/holds/hold_%00"),
+        ("POST", f"{BASE}/transactions/{'x' * 100}/refund"),
+        ("POST", f"{BASE}/holds/{'x' * 100}/capture"),
+        ("POST", f"{BASE}/holds/hold_%00/release"),
+    ):
+        response = client.open(path, method=method, headers=key())
+        assert_error(response, 401, "UNAUTHORIZED")
+
+
+def test_every_credits_response_forbids_caching_and_sniffing(client, admin, user_id):
+    topup = {"user_id": user_id, "amount_usdc": "1"}
+    same_key = key()
+    responses = [
+        client.get(f"{BASE}?user_id={user_id}", headers=admin),
+        client.get(f"{BASE}/transactions?user_id={user_id}", headers=admin),
+        client.get(f"{BASE}/holds?user_id={user_id}", headers=admin),
+        client.post(f"{BASE}/topup", json=topup, headers={**admin, **same_key}),
+        client.post(f"{BASE}/topup", json=topup, headers={**admin, **same_key}),  # a replay
+        client.get(f"{BASE}/transactions/ctx_missing", headers=admin),
+        client.get(f"{BASE}/no/such/route", headers=admin),
+        client.get(BASE),  # 401
+        client.get("/api/billing/openapi.json"),
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 200, 201, 201, 404, 404, 401, 200]
+    assert responses[4].headers["Idempotent-Replayed"] == "true"
+    for response in responses:
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"

@@ -38,7 +38,7 @@ def test_charge_beyond_balance_is_refused_and_changes_nothing(app, user_id):
         with pytest.raises(InsufficientCredits):
             ledger.charge(user_id, 1 * U + 1)
         assert ledger.find_by_user_id(user_id).balance_units == 1 * U
-        assert len(ledger.history(user_id).entries) == 1
+        assert len(ledger.history(user_id).items) == 1
 
 
 def test_charge_of_unknown_user_is_insufficient(app, user_id):
@@ -135,7 +135,7 @@ def test_history_pages_by_seq(app, user_id):
         seen = []
         page = ledger.history(user_id, limit=2)
         while True:
-            seen += [e.seq for e in page.entries]
+            seen += [e.seq for e in page.items]
             if not page.has_more:
                 break
             page = ledger.history(user_id, limit=2, cursor=page.next_cursor)
@@ -177,7 +177,7 @@ def test_refund_of_is_stored_on_the_entry(app, user_id):
         charge = ledger.charge(user_id, 4)
         refund = ledger.refund(charge.id, 1)
         assert ledger.get_entry(refund.id).refund_of == charge.id
-        assert ledger.history(user_id, type="refund").entries[0].refund_of == charge.id
+        assert ledger.history(user_id, type="refund").items[0].refund_of == charge.id
 
 
 def test_duplicate_hold_reference_names_the_hold(app, user_id):

@@ -61,7 +61,7 @@ def state(app, user_id):
     with app.app_context():
         ledger = current_ledger()
         balance = ledger.find_by_user_id(user_id)
-        return balance, ledger.history(user_id).entries
+        return balance, ledger.history(user_id).items
 
 
 def fund(app, user_id, units):

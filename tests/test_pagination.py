@@ -96,6 +96,6 @@ def test_ledger_arithmetic_matches_a_model(app, amounts):
                     assert model < -amount
         balance = ledger.find_by_user_id(user)
         assert (balance.balance_units if balance else 0) == model
-        history = ledger.history(user, limit=100).entries
+        history = ledger.history(user, limit=100).items
         assert sum(e.amount_units for e in history) == model
         assert [e.seq for e in history] == list(range(len(history), 0, -1))

@@ -9,10 +9,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Table,
+    UniqueConstraint,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from .models import Account, Hold, IdempotencyRecord, LedgerEntry, Timestamp
@@ -20,6 +31,8 @@ from .prepared import PreparedStatement
 from .unit_of_work import RetryTransaction
 
 __all__ = [
+    "ENTRY_REFERENCE",
+    "HOLD_REFERENCE",
     "accounts",
     "balance_row",
     "credit",
@@ -33,6 +46,7 @@ __all__ = [
     "insert_entry",
     "insert_idempotency",
     "lock_account",
+    "violates",
 ]
 
 accounts: Table = Account.__table__  # type: ignore[assignment]
@@ -40,8 +54,45 @@ holds: Table = Hold.__table__  # type: ignore[assignment]
 entries: Table = LedgerEntry.__table__  # type: ignore[assignment]
 idempotency: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
 
-# Engines whose UPDATE has RETURNING (MariaDB has it only on INSERT/DELETE).
-_RETURNING = ("postgresql", "sqlite")
+
+def _unique(table: Table, *columns: str) -> UniqueConstraint:
+    for constraint in table.constraints:
+        if isinstance(constraint, UniqueConstraint) and [
+            c.name for c in constraint.columns
+        ] == list(columns):
+            return constraint
+    raise LookupError(f"{table.name} has no unique constraint on {columns}")  # pragma: no cover
+
+
+#: The unique constraints that make a reference credit (or hold) at most once.
+ENTRY_REFERENCE = _unique(entries, "user_id", "type", "reference")
+HOLD_REFERENCE = _unique(holds, "user_id", "reference")
+
+
+def _constraint_name(constraint: UniqueConstraint) -> str:
+    # The naming convention of models.metadata, as the migrations spell it.
+    table = constraint.table.name
+    return f"uq_{table}_" + "_".join(column.name for column in constraint.columns)
+
+
+def violates(exc: DBAPIError, constraint: UniqueConstraint) -> bool:
+    """Whether ``exc`` is a violation of ``constraint``, and of nothing else.
+
+    Told apart by the constraint's name (PostgreSQL's diagnostics, MariaDB's
+    message) or, on SQLite, which reports no name, by its columns. A CHECK or
+    NOT NULL violation is never mistaken for a duplicate.
+    """
+    orig = exc.orig
+    name = _constraint_name(constraint)
+    diag = getattr(orig, "diag", None)
+    if diag is not None:  # psycopg 3 and psycopg2
+        return bool(getattr(diag, "constraint_name", None) == name)
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # PyMySQL: (1062, "Duplicate entry … for key '…'")
+        return args[0] == 1062 and f"'{name}'" in str(args[1] if len(args) > 1 else "")
+    table = constraint.table.name
+    columns = ", ".join(f"{table}.{column.name}" for column in constraint.columns)
+    return str(orig) == f"UNIQUE constraint failed: {columns}"
 
 
 def held_units_expr(user_id: Any, now: datetime) -> ColumnElement[int]:

@@ -219,8 +219,8 @@ def current_caller() -> Caller:
     """The caller of the current request, resolved exactly as the blueprint does.
 
     For host routes that need the same identity and scopes (a page, a report).
-    Raises :class:`~callora_credits.errors.Unauthorized` (a
-    :class:`~callora_credits.errors.CreditsError` with ``status`` and
-    ``body()``) when there is none.
+    Raises :class:`~callora_credits.errors.Unauthorized` when there is none;
+    ``callora_credits.error_response(error)`` renders it as the blueprint
+    would.
     """
     return authenticate(request.headers, config())

@@ -21,6 +21,7 @@ from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import Map, PathConverter, Rule
 
 from ..config import DEFAULTS
+from ..core.records import dumps
 from ..errors import (
     CreditsError,
     InternalError,
@@ -28,11 +29,9 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     ValidationError,
-    dumps,
-    new_request_id,
-    sanitize_request_id,
 )
 from ..extension import EXTENSION_KEY, CreditsState
+from .responses import error_body, new_request_id, sanitize_request_id, status_of
 
 __all__ = ["Operation", "credits_bp", "json_response", "operation", "request_id"]
 
@@ -168,7 +167,18 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 
 def error_response(error: CreditsError) -> Response:
-    return json_response(error.body(request_id()), error.status)
+    """``error`` as the credits routes answer it: its status, the JSON error
+    body and this request's ``X-Request-Id``.
+
+    For host routes that call the library, e.g. after
+    :func:`~callora_credits.current_caller` raised
+    :class:`~callora_credits.errors.Unauthorized`.
+    """
+    rid = request_id()
+    response = json_response(error_body(error.code, error.message, rid, error.details))
+    response.status_code = status_of(error)
+    response.headers["X-Request-Id"] = rid
+    return response
 
 
 @credits_bp.before_request
@@ -180,7 +190,12 @@ def _start() -> None:
 @credits_bp.after_request
 def _finish(response: Response) -> Response:
     rid = request_id()
-    response.headers["X-Request-Id"] = rid
+    headers = response.headers
+    headers["X-Request-Id"] = rid
+    # Balances and ledgers are financial data: no cache keeps them, and no
+    # browser sniffs a JSON body into something else.
+    headers["Cache-Control"] = "no-store"
+    headers["X-Content-Type-Options"] = "nosniff"
     if not log.isEnabledFor(logging.INFO):
         return response
     started = request.environ.get("callora_credits.started")
@@ -206,7 +221,7 @@ def _finish(response: Response) -> Response:
 
 @credits_bp.errorhandler(CreditsError)
 def _credits_error(error: CreditsError) -> Response:
-    if error.status >= 500:
+    if status_of(error) >= 500:
         log.error("credits: %s", error.message, extra={"request_id": request_id()})
     return error_response(error)
 

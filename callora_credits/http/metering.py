@@ -24,7 +24,7 @@ from ..core.money import format_units, parse_amount
 from ..errors import CreditsError
 from ..extension import current_ledger
 from .auth import authenticate
-from .blueprint import json_response, request_id
+from .blueprint import error_response, printable, request_id
 
 __all__ = ["charge_credits", "set_final_price"]
 
@@ -51,12 +51,6 @@ def set_final_price(amount_usdc: str) -> None:
     request.environ[_FINAL] = units
 
 
-def _error(error: CreditsError) -> Response:
-    response = json_response(error.body(request_id()), error.status)
-    response.headers["X-Request-Id"] = request_id()
-    return response
-
-
 def charge_credits(price: Price) -> Callable[[F], F]:
     """Charge the caller ``price`` USDC for each successful call of the view.
 
@@ -79,10 +73,10 @@ def charge_credits(price: Price) -> Callable[[F], F]:
                     caller.user_id,
                     units,
                     actor_id=caller.user_id,
-                    metadata={"path": request.path[:500], "request_id": request_id()},
+                    metadata={"path": printable(request.path)[:500], "request_id": request_id()},
                 )
             except CreditsError as error:
-                return _error(error)
+                return error_response(error)
             request.environ[_HELD] = units
             try:
                 response = make_response(view(*args, **kwargs))

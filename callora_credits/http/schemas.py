@@ -10,13 +10,13 @@ beside their models, and a test checks each against its model.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, create_model
 from pydantic import ValidationError as PydanticValidationError
 
-from ..core.ledger import Balance, HoldPage, Page, iso
-from ..core.money import format_units
+from ..core.pagination import Page
+from ..core.records import Balance, Entry, EntryType, Hold, Record
 from ..errors import Detail, ValidationError
 
 __all__ = [
@@ -38,13 +38,11 @@ __all__ = [
     "TopUpIn",
     "TransactionsQuery",
     "balance_json",
-    "hold_page_json",
     "page_json",
     "parse_model",
 ]
 
 USDC_PATTERN = r"^[0-9]+(\.[0-9]{1,7})?$"
-USDC_OUT_PATTERN = r"^-?[0-9]+\.[0-9]{7}$"
 
 
 class Strict(BaseModel):
@@ -96,24 +94,11 @@ class ErrorOut(BaseModel):
 # --- balance ----------------------------------------------------------------
 
 
-class BalanceOut(BaseModel):
-    user_id: str
-    balance_usdc: str = Field(pattern=USDC_OUT_PATTERN, examples=["100.5000000"])
-    held_usdc: str = Field(pattern=USDC_OUT_PATTERN, examples=["2.0000000"])
-    available_usdc: str = Field(pattern=USDC_OUT_PATTERN, examples=["98.5000000"])
-    created_at: str
-    updated_at: str
+BalanceOut = Balance.response_model()
 
 
 def balance_json(balance: Balance) -> dict[str, Any]:
-    return {
-        "user_id": balance.user_id,
-        "balance_usdc": format_units(balance.balance_units),
-        "held_usdc": format_units(balance.held_units),
-        "available_usdc": format_units(balance.available_units),
-        "created_at": iso(balance.created_at),
-        "updated_at": iso(balance.updated_at),
-    }
+    return balance.as_json()
 
 
 # --- shared field types -------------------------------------------------------
@@ -183,7 +168,6 @@ SignedAmountIn = Annotated[
         }
     ),
 ]
-EntryType = Literal["topup", "charge", "refund", "hold_capture", "adjustment"]
 
 
 class BalanceQuery(Strict):
@@ -238,32 +222,27 @@ class TransactionsQuery(BaseModel):
 # --- ledger responses -----------------------------------------------------------
 
 
-class EntryOut(BaseModel):
-    id: str = Field(examples=["ctx_3f9c2a7e5b1d4c6a8e0f1b2c"])
-    user_id: str
-    seq: int = Field(description="The user's own gapless sequence: 1, 2, 3...")
-    type: EntryType
-    amount_usdc: str = Field(pattern=USDC_OUT_PATTERN, examples=["-1.2500000"])
-    balance_after_usdc: str = Field(pattern=USDC_OUT_PATTERN)
-    reference: str | None
-    description: str | None
-    metadata: dict[str, str]
-    hold_id: str | None
-    refund_of: str | None
-    refunded_usdc: str = Field(pattern=USDC_OUT_PATTERN)
-    actor_id: str | None
-    created_at: str
+EntryOut = Entry.response_model()
 
 
-class EntryPageOut(BaseModel):
-    data: list[EntryOut]
-    next_cursor: str | None
-    has_more: bool
+def _page_model(name: str, item: type[BaseModel]) -> type[BaseModel]:
+    page: type[BaseModel] = create_model(
+        name,
+        data=(list[item], ...),  # type: ignore[valid-type]
+        next_cursor=(str | None, ...),
+        has_more=(bool, ...),
+    )
+    return page
 
 
-def page_json(page: Page) -> dict[str, Any]:
+EntryPageOut = _page_model("EntryPageOut", EntryOut)
+
+
+def page_json(page: Page[Entry] | Page[Hold]) -> dict[str, Any]:
+    """A page of records as the API lists them."""
+    items: list[Record] = list(page.items)
     return {
-        "data": [entry.as_json() for entry in page.entries],
+        "data": [item.as_json() for item in items],
         "next_cursor": page.next_cursor,
         "has_more": page.has_more,
     }
@@ -304,29 +283,7 @@ class HoldsQuery(BaseModel):
     cursor: str | None = Field(default=None, max_length=128)
 
 
-class HoldOut(BaseModel):
-    id: str = Field(examples=["hold_9a1b2c3d4e5f6a7b8c9d0e1f"])
-    user_id: str
-    status: Literal["pending", "captured", "released", "expired"]
-    amount_usdc: str = Field(pattern=USDC_OUT_PATTERN)
-    captured_usdc: str = Field(pattern=USDC_OUT_PATTERN)
-    expires_at: str
-    created_at: str
-    resolved_at: str | None
-    transaction_id: str | None
-    reference: str | None
-    metadata: dict[str, str]
+HoldOut = Hold.response_model()
 
 
-class HoldPageOut(BaseModel):
-    data: list[HoldOut]
-    next_cursor: str | None
-    has_more: bool
-
-
-def hold_page_json(page: HoldPage) -> dict[str, Any]:
-    return {
-        "data": [hold.as_json() for hold in page.holds],
-        "next_cursor": page.next_cursor,
-        "has_more": page.has_more,
-    }
+HoldPageOut = _page_model("HoldPageOut", HoldOut)

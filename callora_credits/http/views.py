@@ -11,20 +11,19 @@ from flask import Response, request
 from pydantic import BaseModel
 
 from ..config import CreditsConfig, config
-from ..core.idempotency import Idempotency, canonical_fingerprint, valid_key
-from ..core.ledger import (
+from ..core.idempotency import IdempotencyScope, canonical_fingerprint, valid_key
+from ..core.money import AmountError, parse_amount
+from ..core.operations import (
     Adjust,
     Capture,
     Charge,
     CreateHold,
-    Entry,
-    Hold,
     Operation,
     Refund,
     Release,
     TopUp,
 )
-from ..core.money import AmountError, parse_amount
+from ..core.records import Entry, Hold
 from ..errors import (
     IdempotencyKeyRequired,
     NotFound,
@@ -34,6 +33,7 @@ from ..errors import (
 from ..extension import ledger_for
 from .auth import Caller, authenticate
 from .blueprint import json_response, operation, register_routing_fallbacks, request_id
+from .responses import HttpCodec
 from .schemas import (
     AdjustmentIn,
     BalanceOut,
@@ -51,7 +51,6 @@ from .schemas import (
     TopUpIn,
     TransactionsQuery,
     balance_json,
-    hold_page_json,
     page_json,
     parse_model,
 )
@@ -62,15 +61,8 @@ AUTH_ERRORS = (400, 401, 403)
 WRITE_ERRORS = (400, 401, 403, 409, 413, 422)
 
 
-MAX_ID_LENGTH = 64
-
-
-def _known_form(object_id: str) -> bool:
-    """Ids are short and printable; anything else cannot exist, so is a 404."""
-    return len(object_id) <= MAX_ID_LENGTH and object_id.isprintable()
-
-
 Owned = TypeVar("Owned", Entry, Hold)
+Op = TypeVar("Op", bound=Operation)
 
 
 def _visible(found: Owned | None, caller: Caller, cfg: CreditsConfig, missing: str) -> Owned:
@@ -139,11 +131,16 @@ def _body(model: type[BaseModel], cfg: CreditsConfig) -> tuple[Any, dict[str, An
         data: Any = {}
     else:
         try:
-            data = json.loads(raw, parse_constant=_reject_constant)
+            # Strict UTF-8 (json.loads would guess UTF-16 or UTF-32 from bytes
+            # and let lone surrogates through), then no lone surrogate escape.
+            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
         except (ValueError, RecursionError):
             raise ValidationError(
-                "Request body must be a JSON object",
-                details=[{"field": "body", "message": "Send a JSON object", "code": "json"}],
+                "Request body must be a JSON object in UTF-8",
+                details=[
+                    {"field": "body", "message": "Send a JSON object in UTF-8", "code": "json"}
+                ],
             ) from None
     if not isinstance(data, dict):
         raise ValidationError(
@@ -198,20 +195,32 @@ class _WriteRequest:
     body: Any
     data: dict[str, Any]
 
-    def amount(self, value: Any, *, signed: bool = False, allow_zero: bool = False) -> int:
-        return _amount(value, self.cfg, signed=signed, allow_zero=allow_zero)
+    def build(
+        self, kind: type[Op], *, signed: bool = False, allow_zero: bool = False, **path: str
+    ) -> Op:
+        """The operation the body asks for: its fields are the body's (the
+        amount in units), the path's ids and the caller as actor."""
+        declared = type(self.body).model_fields
+        fields = {name: getattr(self.body, name) for name in declared}
+        if "amount_usdc" in fields:
+            amount = fields.pop("amount_usdc")
+            # An optional amount left out means "the default"; a required one
+            # sent as null is refused by the parser.
+            if amount is not None or declared["amount_usdc"].is_required():
+                units = _amount(amount, self.cfg, signed=signed, allow_zero=allow_zero)
+                fields["amount_units"] = units
+        return kind(limits=self.cfg, actor_id=self.caller.user_id, **fields, **path)
 
     def run(self, operation: Operation) -> Response:
         """Run the operation once per key; replay a stored outcome byte for byte."""
-        idem = Idempotency(
+        scope = IdempotencyScope(
             actor_id=self.caller.user_id,
             method=request.method,
             path=request.path,
             key=self.key,
             fingerprint=canonical_fingerprint(self.data),
-            request_id=request_id(),
         )
-        outcome = ledger_for(self.cfg).execute(operation, idem)
+        outcome = ledger_for(self.cfg).execute(operation, scope, HttpCodec(request_id()))
         response = Response(outcome.body, status=outcome.status, mimetype="application/json")
         if outcome.replayed:
             response.headers["Idempotent-Replayed"] = "true"
@@ -270,16 +279,7 @@ def top_up() -> Response:
     even under different idempotency keys.
     """
     req = _write_request(TopUpIn, admin=True)
-    body = req.body
-    op = TopUp(
-        user_id=body.user_id,
-        amount_units=req.amount(body.amount_usdc),
-        reference=body.reference,
-        description=body.description,
-        metadata=body.metadata,
-        actor_id=req.caller.user_id,
-    )
-    return req.run(op)
+    return req.run(req.build(TopUp))
 
 
 @operation(
@@ -295,14 +295,7 @@ def top_up() -> Response:
 def adjust() -> Response:
     """A signed correction (chargeback, fix); never takes the balance below zero."""
     req = _write_request(AdjustmentIn, admin=True)
-    body = req.body
-    op = Adjust(
-        user_id=body.user_id,
-        amount_units=req.amount(body.amount_usdc, signed=True),
-        reason=body.reason,
-        actor_id=req.caller.user_id,
-    )
-    return req.run(op)
+    return req.run(req.build(Adjust, signed=True))
 
 
 @operation(
@@ -318,16 +311,7 @@ def adjust() -> Response:
 def charge() -> Response:
     """Debit a user's available balance; 402 when it does not cover the amount."""
     req = _write_request(ChargeIn, admin=False)
-    body = req.body
-    op = Charge(
-        user_id=body.user_id,
-        amount_units=req.amount(body.amount_usdc),
-        reference=body.reference,
-        description=body.description,
-        metadata=body.metadata,
-        actor_id=req.caller.user_id,
-    )
-    return req.run(op)
+    return req.run(req.build(Charge))
 
 
 @operation(
@@ -342,18 +326,8 @@ def charge() -> Response:
 )
 def refund(transaction_id: str) -> Response:
     """Give back all or part of a ``charge`` or ``hold_capture`` entry."""
-    if not _known_form(transaction_id):
-        raise NotFound("No such transaction")
     req = _write_request(RefundIn, admin=True)
-    body = req.body
-    amount = None if body.amount_usdc is None else req.amount(body.amount_usdc)
-    op = Refund(
-        transaction_id=transaction_id,
-        amount_units=amount,
-        reason=body.reason,
-        actor_id=req.caller.user_id,
-    )
-    return req.run(op)
+    return req.run(req.build(Refund, transaction_id=transaction_id))
 
 
 @operation(
@@ -380,17 +354,14 @@ def list_transactions() -> Response:
                 raise ValidationError(
                     details=[{"field": name, "message": "Date out of range", "code": "range"}]
                 ) from None
-    try:
-        page = ledger_for(cfg).history(
-            user_id,
-            limit=_limit(query.limit, cfg),
-            cursor=query.cursor,
-            type=query.type,
-            since=query.since,
-            until=query.until,
-        )
-    except ValueError:
-        raise _bad_cursor() from None
+    page = ledger_for(cfg).history(
+        user_id,
+        limit=_limit(query.limit, cfg),
+        cursor=query.cursor,
+        type=query.type,
+        since=query.since,
+        until=query.until,
+    )
     return json_response(page_json(page))
 
 
@@ -404,8 +375,6 @@ def list_transactions() -> Response:
 )
 def get_transaction(transaction_id: str) -> Response:
     """One entry; another user's entry is a 404, so ids cannot be probed."""
-    if not _known_form(transaction_id):
-        raise NotFound("No such transaction")
     cfg = config()
     caller = _caller(cfg)
     _query(_NoQuery)
@@ -432,12 +401,6 @@ def _limit(limit: int | None, cfg: CreditsConfig) -> int:
     return limit
 
 
-def _bad_cursor() -> ValidationError:
-    return ValidationError(
-        details=[{"field": "cursor", "message": "Use next_cursor from a page", "code": "cursor"}]
-    )
-
-
 @operation(
     "/credits/holds",
     "POST",
@@ -451,27 +414,7 @@ def _bad_cursor() -> ValidationError:
 def create_hold() -> Response:
     """Reserve part of a user's available balance (two-phase charge, step one)."""
     req = _write_request(HoldIn, admin=False)
-    body, cfg = req.body, req.cfg
-    ttl = cfg.hold_ttl_seconds if body.expires_in_seconds is None else body.expires_in_seconds
-    if ttl > cfg.hold_ttl_max_seconds:
-        raise ValidationError(
-            details=[
-                {
-                    "field": "expires_in_seconds",
-                    "message": f"expires_in_seconds must be 1 to {cfg.hold_ttl_max_seconds}",
-                    "code": "less_than_equal",
-                }
-            ]
-        )
-    op = CreateHold(
-        user_id=body.user_id,
-        amount_units=req.amount(body.amount_usdc),
-        expires_in_seconds=ttl,
-        reference=body.reference,
-        metadata=body.metadata,
-        actor_id=req.caller.user_id,
-    )
-    return req.run(op)
+    return req.run(req.build(CreateHold))
 
 
 @operation(
@@ -489,13 +432,10 @@ def list_holds() -> Response:
     caller = _caller(cfg)
     query: HoldsQuery = _query(HoldsQuery)
     user_id = caller.target_user(query.user_id, cfg)
-    try:
-        page = ledger_for(cfg).pending_holds(
-            user_id, limit=_limit(query.limit, cfg), cursor=query.cursor
-        )
-    except ValueError:
-        raise _bad_cursor() from None
-    return json_response(hold_page_json(page))
+    page = ledger_for(cfg).pending_holds(
+        user_id, limit=_limit(query.limit, cfg), cursor=query.cursor
+    )
+    return json_response(page_json(page))
 
 
 @operation(
@@ -508,8 +448,6 @@ def list_holds() -> Response:
 )
 def get_hold(hold_id: str) -> Response:
     """One hold; another user's hold is a 404, so ids cannot be probed."""
-    if not _known_form(hold_id):
-        raise NotFound("No such hold")
     cfg = config()
     caller = _caller(cfg)
     _query(_NoQuery)
@@ -528,14 +466,8 @@ def get_hold(hold_id: str) -> Response:
 )
 def capture_hold(hold_id: str) -> Response:
     """Spend up to the held amount (default: all); the rest is released."""
-    if not _known_form(hold_id):
-        raise NotFound("No such hold")
     req = _write_request(CaptureIn, admin=False)
-    body = req.body
-    amount = None
-    if body.amount_usdc is not None:
-        amount = req.amount(body.amount_usdc, allow_zero=True)
-    return req.run(Capture(hold_id, amount, req.caller.user_id))
+    return req.run(req.build(Capture, allow_zero=True, hold_id=hold_id))
 
 
 @operation(
@@ -549,10 +481,8 @@ def capture_hold(hold_id: str) -> Response:
 )
 def release_hold(hold_id: str) -> Response:
     """Give the whole reservation back."""
-    if not _known_form(hold_id):
-        raise NotFound("No such hold")
     req = _write_request(ReleaseIn, admin=False)
-    return req.run(Release(hold_id, req.caller.user_id))
+    return req.run(req.build(Release, hold_id=hold_id))
 
 
 @operation(

@@ -77,7 +77,7 @@ def chart() -> Any:
         return _error(400, "VALIDATION_ERROR", "user_id may be at most 128 characters")
     if user_id != caller and not _is_admin(get_jwt()):
         return _error(403, "FORBIDDEN", "Reading another user's data requires the admin scope")
-    entries = current_ledger().history(user_id, limit=CHART_ENTRIES).entries
+    entries = current_ledger().history(user_id, limit=CHART_ENTRIES).items
     svg = render_template("billing/chart.svg", chart=build_chart(user_id, entries))
     return Response(svg, mimetype="image/svg+xml", headers={"Cache-Control": "no-store"})
 
