@@ -594,8 +594,8 @@ def section_history(ledger: Any, dsn: str, report: Report) -> None:
         cursor = page.next_cursor
     deep = ledger.history(HISTORY_USER, limit=20, cursor=cursor)
     expected_seq = HISTORY_ENTRIES - HISTORY_DEPTH
-    if deep.entries[0].seq != expected_seq:
-        raise RuntimeError(f"deep page starts at seq {deep.entries[0].seq}, not {expected_seq}")
+    if deep.items[0].seq != expected_seq:
+        raise RuntimeError(f"deep page starts at seq {deep.items[0].seq}, not {expected_seq}")
     say(
         f"- walked {HISTORY_DEPTH // 100:,} pages of 100 to depth {HISTORY_DEPTH:,} in "
         f"{time.perf_counter() - started:.1f} s (deep page starts at seq {expected_seq:,}, "

@@ -35,7 +35,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from callora_credits import migrate
-from callora_credits.core.ledger import Entry
+from callora_credits.core.records import Entry
 from callora_credits.db.models import Account, Hold, IdempotencyRecord, LedgerEntry
 
 from .app import DEFAULT_JWT_SECRET, create_app

@@ -173,7 +173,7 @@ def test_chart_starts_from_the_balance_before_its_oldest_entry(example, host, us
     _charge(host, user_id, 40 * U)
     _charge(host, user_id, 20 * U)
     with host.app_context():
-        newest_two = current_ledger().history(user_id, limit=2).entries
+        newest_two = current_ledger().history(user_id, limit=2).items
 
     chart = example.host_app.billing_page.build_chart(user_id, newest_two)
 
