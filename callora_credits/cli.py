@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import click
-from flask import current_app
 from sqlalchemy.engine import Engine
 
 from . import migrate
+from .config import config
 from .core.money import AmountError, format_units, parse_amount
 from .errors import CreditsError
-from .extension import current_ledger
+from .extension import current_ledger, engine_for
 from .http.blueprint import credits_bp
 
 __all__: list[str] = []
@@ -20,36 +20,47 @@ cli = credits_bp.cli
 
 
 def _engine() -> Engine:
-    engine: Engine = current_app.extensions["sqlalchemy"].engine
-    return engine
+    """The engine the credits tables live on (``CREDITS_BIND_KEY``)."""
+    return engine_for(config())
+
+
+def _where(engine: Engine) -> str:
+    """`` on bind 'key' (url)`` when the tables are on a bind, else nothing."""
+    bind_key = config().bind_key
+    if bind_key is None:
+        return ""
+    return f" on bind {bind_key!r} ({engine.url.render_as_string(hide_password=True)})"
 
 
 @cli.group("db")
 def db_group() -> None:
-    """Apply the library's migrations to the app's database."""
+    """Apply the library's migrations to the app's database (or CREDITS_BIND_KEY's bind)."""
 
 
 @db_group.command("upgrade")
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Upgrade the credits tables to REVISION (default: head)."""
-    migrate.upgrade(_engine(), revision)
-    click.echo(f"credits schema at {migrate.current(_engine())}")
+    engine = _engine()
+    migrate.upgrade(engine, revision)
+    click.echo(f"credits schema at {migrate.current(engine)}{_where(engine)}")
 
 
 @db_group.command("downgrade")
 @click.argument("revision", default="base")
 def db_downgrade(revision: str) -> None:
     """Downgrade the credits tables to REVISION (default: base, i.e. drop them)."""
-    migrate.downgrade(_engine(), revision)
-    click.echo(f"credits schema at {migrate.current(_engine()) or 'base'}")
+    engine = _engine()
+    migrate.downgrade(engine, revision)
+    click.echo(f"credits schema at {migrate.current(engine) or 'base'}{_where(engine)}")
 
 
 @db_group.command("current")
 def db_current() -> None:
     """Print the applied revision and the newest shipped one."""
-    applied = migrate.current(_engine())
-    click.echo(f"{applied or 'base'} (head: {migrate.head()})")
+    engine = _engine()
+    applied = migrate.current(engine)
+    click.echo(f"{applied or 'base'} (head: {migrate.head()}){_where(engine)}")
 
 
 @cli.command("balance")

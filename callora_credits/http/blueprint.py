@@ -32,7 +32,7 @@ from ..errors import (
     new_request_id,
     sanitize_request_id,
 )
-from ..extension import EXTENSION_KEY, CreditsState
+from ..extension import EXTENSION_KEY, CreditsState, check_engine
 
 __all__ = ["Operation", "credits_bp", "json_response", "operation", "request_id"]
 
@@ -139,7 +139,8 @@ def _setup(setup_state: BlueprintSetupState) -> None:
         )
     from ..config import CreditsConfig
 
-    CreditsConfig(app.config)  # fail now, not on the first request, on a bad limit
+    # Fail now, not on the first request, on a bad limit or a missing bind.
+    check_engine(app, CreditsConfig(app.config))
     app.extensions[EXTENSION_KEY] = CreditsState()
 
 
