@@ -1,24 +1,104 @@
-"""``flask credits …``: migrations, balances, checks, the OpenAPI document."""
+"""``flask credits …``: migrations, balances, checks, the OpenAPI document.
+
+The group is registered on the app by ``credits_bp`` and is also a
+``flask.commands`` plugin (see ``setup.py``), so ``flask credits`` exists even
+when the app cannot be imported, and can then say why in one line (a missing
+database driver) instead of Flask's ``No such command 'credits'``.
+"""
 
 from __future__ import annotations
 
 import json
+import traceback
+from typing import Any
 
 import click
+from flask import Flask, current_app
+from flask.cli import AppGroup, ScriptInfo
 from sqlalchemy.engine import Engine
 
 from . import migrate
 from .config import config
 from .core.money import AmountError, format_units, parse_amount
 from .errors import CreditsError
-from .extension import current_ledger, engine_for
+from .extension import EXTENSION_KEY, current_ledger, engine_for
 from .http.blueprint import credits_bp
 
-__all__: list[str] = []
+__all__ = ["CreditsGroup", "cli", "missing_driver_message"]
 
-cli = credits_bp.cli
-cli.help = "The credits ledger of this app: its tables, balances and checks."
-cli.short_help = "Manage the credits ledger and its tables."
+#: What to do about a missing driver, by the module SQLAlchemy's dialect
+#: imports. The extras install psycopg 3 and PyMySQL, which the bare
+#: ``postgresql://`` (on SQLAlchemy 2.0) and ``mysql://`` do not use.
+_DRIVER_FIXES = {
+    "psycopg2": "write postgresql+psycopg://… and install callora-credits[postgres]",
+    "psycopg": "install callora-credits[postgres]",
+    "MySQLdb": "write mysql+pymysql://… and install callora-credits[mysql]",
+    "pymysql": "install callora-credits[mysql]",
+}
+_SUPPORTED = (
+    "write postgresql+psycopg://… (extra postgres), mysql+pymysql://… (extra mysql) or sqlite:///…"
+)
+
+
+def missing_driver_message(error: BaseException) -> str | None:
+    """One line naming the extra to install, when ``error`` is a missing driver.
+
+    ``error`` is what loading the app raised; the driver's
+    :class:`ModuleNotFoundError` may be its cause or context (Flask wraps an
+    import error in the app module). ``None`` for anything else.
+    """
+    seen: set[int] = set()
+    found: BaseException | None = error
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        if isinstance(found, ModuleNotFoundError) and _raised_by_sqlalchemy(found):
+            fix = _DRIVER_FIXES.get(found.name or "", _SUPPORTED)
+            name = found.name
+            return f"The database URL needs the driver {name}, which is not installed: {fix}."
+        found = found.__cause__ or found.__context__
+    return None
+
+
+def _raised_by_sqlalchemy(error: ModuleNotFoundError) -> bool:
+    # A dialect imports its driver in import_dbapi(); the same module missing
+    # anywhere else is the host's own import, not a database URL.
+    return any(frame.name == "import_dbapi" for frame in traceback.extract_tb(error.__traceback__))
+
+
+class CreditsGroup(AppGroup):
+    """The ``flask credits`` group: loads the app itself before any command.
+
+    So a missing database driver, or an app without ``credits_bp``, is one
+    ``Error:`` line and exit status 1 rather than a traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if not current_app:
+            ctx.with_resource(_load_app(ctx).app_context())
+        if EXTENSION_KEY not in current_app.extensions:
+            raise click.ClickException(
+                "callora_credits is not set up on this app: call "
+                'app.register_blueprint(credits_bp, url_prefix="/api/billing") in it.'
+            )
+        return super().invoke(ctx)
+
+
+def _load_app(ctx: click.Context) -> Flask:
+    try:
+        return ctx.ensure_object(ScriptInfo).load_app()
+    except Exception as exc:
+        message = missing_driver_message(exc)
+        if message is None:
+            raise
+        raise click.ClickException(message) from None
+
+
+cli = CreditsGroup(
+    "credits",
+    help="The credits ledger of this app: its tables, balances and checks.",
+    short_help="Manage the credits ledger and its tables.",
+)
+credits_bp.cli = cli
 
 
 def _engine() -> Engine:
