@@ -41,10 +41,16 @@ setup(
         # Unpack for the typed keyword arguments of Ledger.top_up/charge on 3.10.
         "typing-extensions>=4.6",
     ],
+    # The drivers of the URLs the docs show: postgresql+psycopg://… and
+    # mysql+pymysql://… (a bare postgresql:// or mysql:// asks SQLAlchemy 2.0
+    # for psycopg2 or mysqlclient, which these do not install).
     extras_require={
         "postgres": ["psycopg[binary]>=3.1"],
         "mysql": ["pymysql>=1.1"],
     },
+    # `flask credits` exists even when the app fails to import, so it can say
+    # why (a missing driver) instead of "No such command 'credits'".
+    entry_points={"flask.commands": ["credits = callora_credits.cli:cli"]},
     classifiers=[
         "Framework :: Flask",
         "License :: OSI Approved :: MIT License",

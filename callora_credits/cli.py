@@ -1,58 +1,162 @@
-"""``flask credits …``: migrations, balances, the OpenAPI document."""
+"""``flask credits …``: migrations, balances, checks, the OpenAPI document.
+
+The group is registered on the app by ``credits_bp`` and is also a
+``flask.commands`` plugin (see ``setup.py``), so ``flask credits`` exists even
+when the app cannot be imported, and can then say why in one line (a missing
+database driver) instead of Flask's ``No such command 'credits'``.
+"""
 
 from __future__ import annotations
 
 import json
+import traceback
+from typing import Any
 
 import click
-from flask import current_app
+from flask import Flask, current_app
+from flask.cli import AppGroup, ScriptInfo
 from sqlalchemy.engine import Engine
 
 from . import migrate
+from .config import config
 from .core.money import AmountError, format_units, parse_amount
 from .errors import CreditsError
-from .extension import current_ledger
+from .extension import EXTENSION_KEY, current_ledger, engine_for
 from .http.blueprint import credits_bp
 
-__all__: list[str] = []
+__all__ = ["CreditsGroup", "cli", "missing_driver_message"]
 
-cli = credits_bp.cli
+#: What to do about a missing driver, by the module SQLAlchemy's dialect
+#: imports. The extras install psycopg 3 and PyMySQL, which the bare
+#: ``postgresql://`` (on SQLAlchemy 2.0) and ``mysql://`` do not use.
+_DRIVER_FIXES = {
+    "psycopg2": "write postgresql+psycopg://… and install callora-credits[postgres]",
+    "psycopg": "install callora-credits[postgres]",
+    "MySQLdb": "write mysql+pymysql://… and install callora-credits[mysql]",
+    "pymysql": "install callora-credits[mysql]",
+}
+_SUPPORTED = (
+    "write postgresql+psycopg://… (extra postgres), mysql+pymysql://… (extra mysql) or sqlite:///…"
+)
+
+
+def missing_driver_message(error: BaseException) -> str | None:
+    """One line naming the extra to install, when ``error`` is a missing driver.
+
+    ``error`` is what loading the app raised; the driver's
+    :class:`ModuleNotFoundError` may be its cause or context (Flask wraps an
+    import error in the app module). ``None`` for anything else.
+    """
+    seen: set[int] = set()
+    found: BaseException | None = error
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        if isinstance(found, ModuleNotFoundError) and _raised_by_sqlalchemy(found):
+            fix = _DRIVER_FIXES.get(found.name or "", _SUPPORTED)
+            name = found.name
+            return f"The database URL needs the driver {name}, which is not installed: {fix}."
+        found = found.__cause__ or found.__context__
+    return None
+
+
+def _raised_by_sqlalchemy(error: ModuleNotFoundError) -> bool:
+    # A dialect imports its driver in import_dbapi(); the same module missing
+    # anywhere else is the host's own import, not a database URL.
+    return any(frame.name == "import_dbapi" for frame in traceback.extract_tb(error.__traceback__))
+
+
+class CreditsGroup(AppGroup):
+    """The ``flask credits`` group: loads the app itself before any command.
+
+    So a missing database driver, or an app without ``credits_bp``, is one
+    ``Error:`` line and exit status 1 rather than a traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if not current_app:
+            ctx.with_resource(_load_app(ctx).app_context())
+        if EXTENSION_KEY not in current_app.extensions:
+            raise click.ClickException(
+                "callora_credits is not set up on this app: call "
+                'app.register_blueprint(credits_bp, url_prefix="/api/billing") in it.'
+            )
+        return super().invoke(ctx)
+
+
+def _load_app(ctx: click.Context) -> Flask:
+    try:
+        return ctx.ensure_object(ScriptInfo).load_app()
+    except Exception as exc:
+        message = missing_driver_message(exc)
+        if message is None:
+            raise
+        raise click.ClickException(message) from None
+
+
+cli = CreditsGroup(
+    "credits",
+    help="The credits ledger of this app: its tables, balances and checks.",
+    short_help="Manage the credits ledger and its tables.",
+)
+credits_bp.cli = cli
 
 
 def _engine() -> Engine:
-    engine: Engine = current_app.extensions["sqlalchemy"].engine
-    return engine
+    """The engine the credits tables live on (``CREDITS_BIND_KEY``)."""
+    return engine_for(config())
 
 
-@cli.group("db")
+def _where(engine: Engine) -> str:
+    """`` on bind 'key' (url)`` when the tables are on a bind, else nothing."""
+    bind_key = config().bind_key
+    if bind_key is None:
+        return ""
+    return f" on bind {bind_key!r} ({engine.url.render_as_string(hide_password=True)})"
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    """``1 account``, ``2 accounts``; ``plural`` for the irregular ones."""
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
+@cli.group("db", short_help="Create, upgrade or drop the credits tables.")
 def db_group() -> None:
-    """Apply the library's migrations to the app's database."""
+    """Apply the library's own migrations to the credits database.
+
+    That is the app's default database, or the bind CREDITS_BIND_KEY names.
+    """
 
 
-@db_group.command("upgrade")
+@db_group.command("upgrade", short_help="Create or upgrade the credits tables.")
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Upgrade the credits tables to REVISION (default: head)."""
-    migrate.upgrade(_engine(), revision)
-    click.echo(f"credits schema at {migrate.current(_engine())}")
+    engine = _engine()
+    migrate.upgrade(engine, revision)
+    click.echo(f"credits schema at {migrate.current(engine)}{_where(engine)}")
 
 
-@db_group.command("downgrade")
+@db_group.command("downgrade", short_help="Downgrade the credits tables; base drops them.")
 @click.argument("revision", default="base")
 def db_downgrade(revision: str) -> None:
-    """Downgrade the credits tables to REVISION (default: base, i.e. drop them)."""
-    migrate.downgrade(_engine(), revision)
-    click.echo(f"credits schema at {migrate.current(_engine()) or 'base'}")
+    """Downgrade the credits tables to REVISION.
+
+    The default, base, drops the credits tables and their data.
+    """
+    engine = _engine()
+    migrate.downgrade(engine, revision)
+    click.echo(f"credits schema at {migrate.current(engine) or 'base'}{_where(engine)}")
 
 
-@db_group.command("current")
+@db_group.command("current", short_help="Print the applied and the newest revision.")
 def db_current() -> None:
-    """Print the applied revision and the newest shipped one."""
-    applied = migrate.current(_engine())
-    click.echo(f"{applied or 'base'} (head: {migrate.head()})")
+    """Print the applied revision and the newest one this version ships."""
+    engine = _engine()
+    applied = migrate.current(engine)
+    click.echo(f"{applied or 'base'} (head: {migrate.head()}){_where(engine)}")
 
 
-@cli.command("balance")
+@cli.command("balance", short_help="Print a user's balance, held and available.")
 @click.argument("user_id")
 def balance(user_id: str) -> None:
     """Print USER_ID's balance, held and available amounts."""
@@ -67,13 +171,16 @@ def balance(user_id: str) -> None:
     )
 
 
-@cli.command("topup")
+@cli.command("topup", short_help="Credit an amount of USDC to a user.")
 @click.argument("user_id")
 @click.argument("amount")
 @click.option("--reference", default=None, help="External payment id; credits at most once.")
-@click.option("--description", default=None)
+@click.option("--description", default=None, help="Free text kept on the entry.")
 def topup(user_id: str, amount: str, reference: str | None, description: str | None) -> None:
-    """Credit AMOUNT USDC (e.g. 10.5) to USER_ID."""
+    """Credit AMOUNT USDC to USER_ID.
+
+    AMOUNT is written as in the API, without quotes: 25, 10.5, 0.0000001.
+    """
     ledger = current_ledger()
     try:
         units = parse_amount(amount, max_units=ledger.config.max_amount_units)
@@ -88,11 +195,11 @@ def topup(user_id: str, amount: str, reference: str | None, description: str | N
     )
 
 
-@cli.command("history")
+@cli.command("history", short_help="Print a user's newest ledger entries.")
 @click.argument("user_id")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
 def history(user_id: str, limit: int) -> None:
-    """Print USER_ID's newest ledger entries."""
+    """Print USER_ID's newest ledger entries, newest first."""
     page = current_ledger().history(user_id, limit=limit)
     for entry in page.items:
         click.echo(
@@ -104,39 +211,46 @@ def history(user_id: str, limit: int) -> None:
         click.echo("… (more: raise --limit)")
 
 
-@cli.command("reconcile")
+@cli.command("reconcile", short_help="Check every balance against its ledger.")
 @click.option("--user", "user_id", default=None, help="Check only this user.")
 def reconcile(user_id: str | None) -> None:
-    """Check every balance against its ledger; exit 1 on any mismatch."""
+    """Check every balance against its ledger.
+
+    Exits with status 1 and one MISMATCH line per problem if any is found.
+    """
     report = current_ledger().reconcile(user_id)
     for mismatch in report.mismatches:
         click.echo(f"MISMATCH {mismatch.user_id}: {mismatch.problem}", err=True)
+    outcome = "ok" if report.ok else _count(len(report.mismatches), "mismatch", "mismatches")
     click.echo(
-        f"checked {report.accounts} accounts, {report.entries} entries: "
-        f"{'ok' if report.ok else f'{len(report.mismatches)} mismatches'}"
+        f"checked {_count(report.accounts, 'account')}, "
+        f"{_count(report.entries, 'entry', 'entries')}: {outcome}"
     )
     if not report.ok:
         raise SystemExit(1)
 
 
-@cli.command("expire-holds")
+@cli.command("expire-holds", short_help="Mark pending holds past expiry as expired.")
 def expire_holds() -> None:
-    """Mark pending holds past their expiry as expired (tidiness only)."""
+    """Mark pending holds past their expiry as expired.
+
+    Tidiness only: an expired hold stops counting the moment it expires.
+    """
     count = current_ledger().expire_holds()
-    click.echo(f"marked {count} holds expired")
+    click.echo(f"marked {_count(count, 'hold')} expired")
 
 
-@cli.command("prune")
+@cli.command("prune", short_help="Delete expired idempotency keys.")
 def prune() -> None:
-    """Delete idempotency keys past CREDITS_IDEMPOTENCY_TTL_SECONDS."""
+    """Delete idempotency keys older than CREDITS_IDEMPOTENCY_TTL_SECONDS."""
     count = current_ledger().prune_idempotency_keys()
-    click.echo(f"deleted {count} expired idempotency keys")
+    click.echo(f"deleted {_count(count, 'expired idempotency key')}")
 
 
-@cli.command("openapi")
+@cli.command("openapi", short_help="Print the OpenAPI document.")
 @click.option("--prefix", default="/api/billing", show_default=True)
 def openapi(prefix: str) -> None:
-    """Print the OpenAPI document."""
+    """Print the OpenAPI document, with paths under PREFIX."""
     from .http.openapi import build_document
 
     click.echo(json.dumps(build_document(prefix), indent=2))

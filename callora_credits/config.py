@@ -28,6 +28,7 @@ DEFAULTS: Mapping[str, Any] = {
     "CREDITS_LOW_BALANCE_USDC": None,
     "CREDITS_PAGE_SIZE_MAX": 100,
     "CREDITS_DB_RETRIES": 5,
+    "CREDITS_BIND_KEY": None,
 }
 
 
@@ -56,6 +57,15 @@ class CreditsConfig:
         self.low_balance_units = None if low is None else parse_limit(low)
         self.page_size_max = int(get("CREDITS_PAGE_SIZE_MAX"))
         self.db_retries = int(get("CREDITS_DB_RETRIES"))
+        bind_key = get("CREDITS_BIND_KEY")
+        if bind_key is not None and not isinstance(bind_key, str):
+            raise ValueError(
+                f"CREDITS_BIND_KEY must be None (the default database) or the name of one "
+                f"of SQLALCHEMY_BINDS, not {bind_key!r}"
+            )
+        #: The Flask-SQLAlchemy bind the ledger's tables live on; ``None`` is
+        #: the default database.
+        self.bind_key: str | None = bind_key
 
 
 _CACHE_KEY = "callora_credits.config"

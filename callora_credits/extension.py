@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from flask import current_app
+from flask import Flask, current_app
+from flask.sansio.app import App
 from sqlalchemy.engine import Engine
 
 from .config import CreditsConfig, config
@@ -13,7 +15,7 @@ from .core.clock import Clock, utcnow
 from .core.ledger import Ledger
 from .db.unit_of_work import RetryStats
 
-__all__ = ["CreditsState", "current_ledger", "ledger_for", "state"]
+__all__ = ["CreditsState", "check_engine", "current_ledger", "engine_for", "ledger_for", "state"]
 
 EXTENSION_KEY = "callora_credits"
 
@@ -63,14 +65,52 @@ def state() -> CreditsState:
 def current_ledger() -> Ledger:
     """The :class:`~callora_credits.core.ledger.Ledger` of the current app.
 
-    Runs on the host's Flask-SQLAlchemy default engine with the app's
-    ``CREDITS_*`` configuration.
+    Runs on the Flask-SQLAlchemy engine that ``CREDITS_BIND_KEY`` names (the
+    default database unless set) with the app's ``CREDITS_*`` configuration.
     """
     return ledger_for(config())
 
 
 def ledger_for(cfg: CreditsConfig) -> Ledger:
     """:func:`current_ledger` with the configuration the caller has already read."""
-    db = current_app.extensions["sqlalchemy"]
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    return state().ledger(db.engine, cfg, sender=app)
+    return state().ledger(engine_for(cfg), cfg, sender=app)
+
+
+def engine_for(cfg: CreditsConfig) -> Engine:
+    """The engine the credits tables live on, for the current app.
+
+    Picked as Flask-SQLAlchemy picks a model's engine, by bind key from
+    ``db.engines``: ``CREDITS_BIND_KEY`` names one of ``SQLALCHEMY_BINDS``, and
+    ``None`` (the default) is the default database. Every door uses it: the
+    routes, the Python API, ``@charge_credits`` and ``flask credits``,
+    migrations included.
+    """
+    engines: Mapping[str | None, Engine] = current_app.extensions["sqlalchemy"].engines
+    try:
+        return engines[cfg.bind_key]
+    except KeyError:
+        raise RuntimeError(_no_such_bind(cfg.bind_key, engines)) from None
+
+
+def check_engine(app: App, cfg: CreditsConfig) -> None:
+    """Raise at registration, with the fix, when :func:`engine_for` would fail."""
+    # A blueprint's setup state types the app as Flask's sans-io base.
+    with cast(Flask, app).app_context():
+        engine_for(cfg)
+
+
+def _no_such_bind(bind_key: str | None, engines: Mapping[str | None, Engine]) -> str:
+    configured = ", ".join(repr(key) for key in engines if key is not None) or "none"
+    if bind_key is None:
+        return (
+            "callora_credits keeps its tables on the app's default database, and this app "
+            "has none: set SQLALCHEMY_DATABASE_URI, or set CREDITS_BIND_KEY to one of "
+            f"SQLALCHEMY_BINDS (configured: {configured})."
+        )
+    return (
+        f"CREDITS_BIND_KEY is {bind_key!r}, but SQLALCHEMY_BINDS has no such key "
+        f"(configured: {configured}): add SQLALCHEMY_BINDS[{bind_key!r}] = <database URL> "
+        "before db.init_app(app), or set CREDITS_BIND_KEY to a configured key "
+        "(None for the default database)."
+    )

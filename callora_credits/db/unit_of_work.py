@@ -161,6 +161,18 @@ def _sqlite_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+def _connection(session: Session, engine: Engine) -> Connection:
+    """The session's connection to ``engine``, in the session's transaction.
+
+    Usually the session's own bind; with ``CREDITS_BIND_KEY`` the ledger's
+    engine is another of the host's databases, which the session then joins.
+    """
+    if session.get_bind().engine is engine:
+        # Keeps a session bound to a connection (an outer test transaction) on it.
+        return session.connection()
+    return session.connection(bind_arguments={"bind": engine})
+
+
 def _defer_to_session(session: Session, callbacks: list[Callable[[], object]]) -> None:
     """Fire ``callbacks`` when the session commits; drop them on rollback.
 
@@ -204,9 +216,9 @@ def run(
     if session is not None:
         # A savepoint, so a refused operation leaves nothing half-done in the
         # host's transaction (the host may catch the error and commit).
-        _sqlite_begin(session.connection())
+        _sqlite_begin(_connection(session, engine))
         with session.begin_nested():
-            tx = Tx(session.connection(), attempt=0)
+            tx = Tx(_connection(session, engine), attempt=0)
             result = work(tx)
         if tx._after_commit:
             _defer_to_session(session, list(tx._after_commit))

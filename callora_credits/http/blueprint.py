@@ -30,7 +30,7 @@ from ..errors import (
     PayloadTooLarge,
     ValidationError,
 )
-from ..extension import EXTENSION_KEY, CreditsState
+from ..extension import EXTENSION_KEY, CreditsState, check_engine
 from .responses import error_body, new_request_id, sanitize_request_id, status_of
 
 __all__ = ["Operation", "credits_bp", "json_response", "operation", "request_id"]
@@ -138,7 +138,8 @@ def _setup(setup_state: BlueprintSetupState) -> None:
         )
     from ..config import CreditsConfig
 
-    CreditsConfig(app.config)  # fail now, not on the first request, on a bad limit
+    # Fail now, not on the first request, on a bad limit or a missing bind.
+    check_engine(app, CreditsConfig(app.config))
     app.extensions[EXTENSION_KEY] = CreditsState()
 
 
