@@ -10,9 +10,13 @@ transaction.
 from __future__ import annotations
 
 import gc
+import re
+import textwrap
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -318,6 +322,23 @@ def test_a_refused_charge_in_a_savepoint_keeps_the_rest(host, user_id):
     assert sent == {"credits_topped_up": 1}
 
 
+def test_a_refused_call_without_a_savepoint_changes_nothing(host, user_id):
+    """The library's own savepoint: the host may catch the refusal and commit."""
+    with host.app_context():
+        current_ledger().top_up(user_id, 10 * U)
+        current_ledger().hold(user_id, 8 * U)
+    with counted(host) as sent, host.app_context():
+        ledger = current_ledger()
+        db.session.add(Order(number=f"C2-{user_id}", user_id=user_id))
+        ledger.top_up(user_id, 1 * U, session=db.session)
+        with pytest.raises(InsufficientCredits):
+            ledger.charge(user_id, 5 * U, session=db.session)  # the balance covers it, holds don't
+        db.session.commit()
+    assert sent == {"credits_topped_up": 1}
+    assert money(host, user_id) == (11 * U, [("topup", 10 * U, 10 * U), ("topup", 1 * U, 11 * U)])
+    assert order_status(host, f"C2-{user_id}") == "new"
+
+
 def test_a_charge_in_a_released_savepoint_signals_at_the_outer_commit(host, user_id):
     with host.app_context():
         current_ledger().top_up(user_id, 5 * U)
@@ -458,3 +479,95 @@ def _registered() -> int:
 
     ours = {id(fn) for _, fn in OURS}
     return sum(1 for key in list(registry._key_to_collection) if key[2] in ours)
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "integration.md"
+
+
+def documented_snippets() -> list[str]:
+    """The Python blocks of the docs' `session=` section, as written."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = text[text.index("### Transactions and `session=`") : text.index("\n## Signals")]
+    return [textwrap.dedent(block) for block in re.findall(r"```python\n(.*?)```", section, re.S)]
+
+
+@pytest.fixture
+def documented(databases: Databases, engine_name: str) -> Iterator[tuple[Flask, SimpleNamespace]]:
+    """A host whose code is the docs' snippets, on the docs' app setup."""
+    docs_db = SQLAlchemy()
+    namespace: dict[str, Any] = {"db": docs_db, "__name__": "documented_host"}
+    for block in documented_snippets():
+        exec(compile(block, str(DOCS), "exec"), namespace)  # noqa: S102
+    app = Flask("documented_host")
+    app.config.update(
+        TESTING=True, SQLALCHEMY_DATABASE_URI=databases.url(engine_name), JWT_SECRET_KEY=SECRET
+    )
+    docs_db.init_app(app)
+    JWTManager(app)
+    app.register_blueprint(credits_bp, url_prefix="/api/billing")
+    with app.app_context():
+        docs_db.create_all()
+    yield app, SimpleNamespace(**namespace)
+    with app.app_context():
+        docs_db.engine.dispose()
+
+
+def test_the_documented_patterns_work_as_shown(documented, user_id):
+    app, docs = documented
+    assert {"place_order", "abandon_order", "pay_then_tip", "order_or_wait"} <= set(vars(docs))
+    with app.app_context():
+        current_ledger().top_up(user_id, 10 * U)
+    baseline = class_listener_counts(app)
+
+    def status(number: str) -> str | None:
+        return order_status(app, number, table="orders")
+
+    with counted(app) as sent:
+        with app.app_context():
+            docs.place_order(f"A-{user_id}", user_id, 3 * U)
+        assert sent == {"credits_charged": 1}
+        with app.app_context():
+            docs.abandon_order(f"B-{user_id}", user_id, 1 * U)
+        assert sent == {"credits_charged": 1}
+        with app.app_context():
+            docs.pay_then_tip(f"C-{user_id}", user_id, 2 * U, 1 * U)
+        assert sent == {"credits_charged": 3}
+        with app.app_context():
+            assert docs.order_or_wait(f"D-{user_id}", user_id, 1 * U).status == "paid"
+            assert docs.order_or_wait(f"E-{user_id}", user_id, 50 * U).status == "awaiting_payment"
+        assert sent == {"credits_charged": 4}
+        with app.app_context():
+            docs.charge_in_a_savepoint(user_id, 1 * U)
+        assert sent == {"credits_charged": 5}
+
+        # Unrelated host work afterwards, in later app contexts.
+        for i in range(20):
+            with app.app_context():
+                session = app.extensions["sqlalchemy"].session
+                session.add(docs.Order(number=f"L-{user_id}-{i}", user_id="host", total_usdc="0"))
+                if i % 2:
+                    session.rollback()
+                else:
+                    session.commit()
+                    session.execute(sa.text("SELECT 1"))
+                    session.rollback()
+        assert sent == {"credits_charged": 5}
+
+    assert money(app, user_id) == (
+        2 * U,
+        [
+            ("topup", 10 * U, 10 * U),
+            ("charge", -3 * U, 7 * U),
+            ("charge", -2 * U, 5 * U),
+            ("charge", -1 * U, 4 * U),
+            ("charge", -1 * U, 3 * U),
+            ("charge", -1 * U, 2 * U),
+        ],
+    )
+    assert status(f"A-{user_id}") == "new"
+    assert status(f"B-{user_id}") is None
+    assert status(f"C-{user_id}") == "new"
+    assert status(f"D-{user_id}") == "paid"
+    assert status(f"E-{user_id}") == "awaiting_payment"
+    assert [status(f"L-{user_id}-{i}") for i in range(4)] == ["new", None, "new", None]
+    assert class_listener_counts(app) == baseline
