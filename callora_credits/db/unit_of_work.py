@@ -291,9 +291,19 @@ def run(
             attempt += 1
             if stats is not None:
                 stats.add(reason)
+            if reason == "conflict":
+                # Routine, not trouble: every duplicate request ends here on
+                # its way to the replay, so INFO would cry wolf.
+                log.debug(
+                    "credits: a unique key was already taken (an idempotency key claimed "
+                    "by an earlier or concurrent request, or an account a concurrent first "
+                    "credit created); running again to replay or build on that committed "
+                    "row (attempt %d)",
+                    attempt,
+                )
+                continue
             log.info("credits: retrying a transaction (%s, attempt %d)", reason, attempt)
-            if reason != "conflict":
-                time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
             continue
         _fire(tx._after_commit)
         return result
