@@ -26,10 +26,9 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from ..db import store
-from ..db.unit_of_work import RetryTransaction, Tx
+from ..db.unit_of_work import HostSession, RetryTransaction, Tx
 from ..errors import (
     CreditsError,
     IdempotencyConflict,
@@ -165,7 +164,7 @@ class IdempotencySettings(Settings, Protocol):
     def idempotency_wait_seconds(self) -> float: ...
 
 
-Runner = Callable[[Callable[[Tx], Any], "Session | None"], Any]
+Runner = Callable[[Callable[[Tx], Any], "HostSession | None"], Any]
 
 
 class IdempotentExecutor:
@@ -187,7 +186,7 @@ class IdempotentExecutor:
         codec: OutcomeCodec,
         now: datetime,
         *,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Outcome:
         """Apply ``op`` once under ``scope``'s key; replay a stored outcome.
 

@@ -16,12 +16,11 @@ from typing import Any, TypedDict, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
 from typing_extensions import Unpack
 
 from ..config import CreditsConfig
 from ..db import store
-from ..db.unit_of_work import RetryStats, Tx, run
+from ..db.unit_of_work import HostSession, RetryStats, Tx, run
 from ..errors import CreditsError, ValidationError
 from .clock import Clock, naive, utcnow
 from .idempotency import CallCodec, IdempotencyScope, IdempotentExecutor, Outcome, OutcomeCodec
@@ -62,7 +61,7 @@ class TransferOptions(TypedDict, total=False):
     #: Makes the call safe to retry: it applies once per key.
     idempotency_key: str | None
     #: The host's session, to run inside its transaction.
-    session: Session | None
+    session: HostSession | None
 
 
 _CALLS = CallCodec()
@@ -103,7 +102,7 @@ class Ledger:
         return naive(self.clock())
 
     def _run(
-        self, work: Callable[[Tx], T], session: Session | None = None, *, write: bool = True
+        self, work: Callable[[Tx], T], session: HostSession | None = None, *, write: bool = True
     ) -> T:
         return run(
             work,
@@ -116,7 +115,9 @@ class Ledger:
 
     # --- reads ---------------------------------------------------------------------
 
-    def find_by_user_id(self, user_id: str, *, session: Session | None = None) -> Balance | None:
+    def find_by_user_id(
+        self, user_id: str, *, session: HostSession | None = None
+    ) -> Balance | None:
         """The user's balance, or ``None`` when they have never had one."""
         check_identity("user_id", user_id)
         now = self._now()
@@ -127,7 +128,9 @@ class Ledger:
 
         return self._run(work, session, write=False)
 
-    def get_or_create_by_user_id(self, user_id: str, *, session: Session | None = None) -> Balance:
+    def get_or_create_by_user_id(
+        self, user_id: str, *, session: HostSession | None = None
+    ) -> Balance:
         """The user's balance, creating a zero balance on first use.
 
         Race-free: concurrent first reads all succeed and one row exists.
@@ -146,7 +149,9 @@ class Ledger:
 
         return self._run(create, session)
 
-    def get_entry(self, transaction_id: str, *, session: Session | None = None) -> Entry | None:
+    def get_entry(
+        self, transaction_id: str, *, session: HostSession | None = None
+    ) -> Entry | None:
         """One ledger entry by id, or ``None``."""
         if not isinstance(transaction_id, str) or not possible_id(transaction_id):
             return None
@@ -166,7 +171,7 @@ class Ledger:
         type: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Page[Entry]:
         """A page of the user's entries, newest first (keyset on ``seq``).
 
@@ -196,7 +201,7 @@ class Ledger:
 
         return self._run(work, session, write=False)
 
-    def get_hold(self, hold_id: str, *, session: Session | None = None) -> Hold | None:
+    def get_hold(self, hold_id: str, *, session: HostSession | None = None) -> Hold | None:
         """One hold by id, or ``None``."""
         if not isinstance(hold_id, str) or not possible_id(hold_id):
             return None
@@ -214,7 +219,7 @@ class Ledger:
         *,
         limit: int = 20,
         cursor: str | None = None,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Page[Hold]:
         """The user's pending, unexpired holds, newest first."""
         check_identity("user_id", user_id)
@@ -289,7 +294,7 @@ class Ledger:
         *,
         actor_id: str | None = None,
         idempotency_key: str | None = None,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Entry:
         """A signed correction (chargebacks, fixes); never below zero."""
         op = Adjust(
@@ -309,7 +314,7 @@ class Ledger:
         reason: str | None = None,
         actor_id: str | None = None,
         idempotency_key: str | None = None,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Entry:
         """Give back (part of) a ``charge`` or ``hold_capture``; default: what is left."""
         op = Refund(
@@ -329,7 +334,7 @@ class Ledger:
         *,
         actor_id: str | None = None,
         idempotency_key: str | None = None,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Entry | None:
         """Set the balance to ``balance_units`` through a recorded ``adjustment``.
 
@@ -359,7 +364,7 @@ class Ledger:
         metadata: dict[str, str] | None = None,
         actor_id: str | None = None,
         idempotency_key: str | None = None,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Hold:
         """Reserve ``amount_units`` of the available balance until captured,
         released or expired; :class:`~callora_credits.errors.InsufficientCredits`
@@ -382,7 +387,7 @@ class Ledger:
         *,
         actor_id: str | None = None,
         idempotency_key: str | None = None,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Hold:
         """Spend up to the held amount (default: all) and release the rest.
 
@@ -400,7 +405,7 @@ class Ledger:
         *,
         actor_id: str | None = None,
         idempotency_key: str | None = None,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Hold:
         """Give the whole reservation back;
         :class:`~callora_credits.errors.HoldNotPending` if already resolved."""
@@ -413,7 +418,7 @@ class Ledger:
         scope: IdempotencyScope,
         codec: OutcomeCodec,
         *,
-        session: Session | None = None,
+        session: HostSession | None = None,
     ) -> Outcome:
         """Run ``op`` once per ``scope``'s key; the door's stored outcome.
 
@@ -423,7 +428,7 @@ class Ledger:
         return self.executor.execute(op, scope, codec, self._now(), session=session)
 
     def _call(
-        self, op: Operation, key: str | None, session: Session | None
+        self, op: Operation, key: str | None, session: HostSession | None
     ) -> Entry | Hold | None:
         if key is not None and not isinstance(key, str):
             raise ValidationError.on("idempotency_key", "Use a string", "type")
@@ -435,12 +440,12 @@ class Ledger:
             raise result
         return result
 
-    def _entry(self, op: Operation, key: str | None, session: Session | None) -> Entry:
+    def _entry(self, op: Operation, key: str | None, session: HostSession | None) -> Entry:
         result = self._call(op, key, session)
         assert isinstance(result, Entry)
         return result
 
-    def _hold(self, op: Operation, key: str | None, session: Session | None) -> Hold:
+    def _hold(self, op: Operation, key: str | None, session: HostSession | None) -> Hold:
         result = self._call(op, key, session)
         assert isinstance(result, Hold)
         return result

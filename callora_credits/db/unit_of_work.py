@@ -5,7 +5,8 @@ executes it in its own transaction on the host's engine (never touching the
 host's session), retrying transient failures a bounded number of times with
 jittered backoff, or inside the host's session when one is given.
 Callbacks registered with :meth:`Tx.after_commit` (signals) run only once the
-transaction has committed.
+transaction has committed: with a host session, once the host's outermost
+transaction has.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
-__all__ = ["RetryStats", "RetryTransaction", "Tx", "is_retryable", "run"]
+__all__ = ["HostSession", "RetryStats", "RetryTransaction", "Tx", "is_retryable", "run"]
+
+#: What ``session=`` accepts: a ``Session``, or a ``scoped_session`` such as
+#: Flask-SQLAlchemy's ``db.session``.
+HostSession = Session | scoped_session[Any]
 
 log = logging.getLogger("callora_credits")
 
@@ -173,27 +178,88 @@ def _connection(session: Session, engine: Engine) -> Connection:
     return session.connection(bind_arguments={"bind": engine})
 
 
-def _defer_to_session(session: Session, callbacks: list[Callable[[], object]]) -> None:
-    """Fire ``callbacks`` when the session commits; drop them on rollback.
+class _Deferred:
+    """Callbacks of ``session=`` operations waiting for the host's commit.
 
-    The callbacks wait in ``session.info``; one pair of listeners per session
-    fires or clears them.
+    Kept in the session's own ``info``, keyed by the transaction (the host's
+    root transaction or one of its savepoints) whose rollback would undo the
+    operation: a released savepoint hands its callbacks to the transaction
+    around it, a rolled-back one drops them, and only the end of the root
+    transaction fires them.
     """
-    pending: list[Callable[[], object]] | None = session.info.get(_PENDING)
-    if pending is None:
-        pending = session.info[_PENDING] = []
 
-        def on_commit(committed: Session) -> None:
-            ready = list(committed.info[_PENDING])
-            committed.info[_PENDING].clear()
-            _fire(ready)
+    __slots__ = ("committed", "pending")
 
-        def on_rollback(rolled_back: Session) -> None:
-            rolled_back.info[_PENDING].clear()
+    def __init__(self) -> None:
+        self.pending: dict[SessionTransaction, list[Callable[[], object]]] = {}
+        self.committed: set[SessionTransaction] = set()
 
-        event.listen(session, "after_commit", on_commit)
-        event.listen(session, "after_rollback", on_rollback)
-    pending.extend(callbacks)
+
+def _innermost(session: Session) -> SessionTransaction | None:
+    return session.get_nested_transaction() or session.get_transaction()
+
+
+def _on_commit(session: Session) -> None:
+    # SQLAlchemy sends after_commit for a released savepoint as well as for
+    # the real COMMIT, and says nothing about which: the transaction still
+    # current while it runs is the one that committed.
+    deferred = session.info.get(_PENDING)
+    committing = _innermost(session)
+    if isinstance(deferred, _Deferred) and committing is not None:
+        deferred.committed.add(committing)
+
+
+def _on_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    deferred = session.info.get(_PENDING)
+    if not isinstance(deferred, _Deferred):
+        return
+    committed = transaction in deferred.committed
+    deferred.committed.discard(transaction)
+    callbacks = deferred.pending.pop(transaction, [])
+    if transaction.parent is not None:
+        # A released savepoint's work is now the enclosing transaction's, to
+        # commit or roll back. (A non-savepoint inner transaction, as a flush
+        # opens, cannot roll back alone: its rollback ends its parent too.)
+        if callbacks and (committed or not transaction.nested):
+            deferred.pending.setdefault(transaction.parent, []).extend(callbacks)
+        return
+    # The host's transaction is over. This listener cannot remove itself while
+    # SQLAlchemy runs it; it stays, inert, for the next transaction of this
+    # session and goes away with the session.
+    del session.info[_PENDING]
+    if event.contains(session, "after_commit", _on_commit):
+        event.remove(session, "after_commit", _on_commit)
+    if committed:
+        _fire(callbacks)
+
+
+def _defer_to_session(session: Session, callbacks: list[Callable[[], object]]) -> None:
+    """Fire ``callbacks`` once, when the host's whole transaction commits.
+
+    They are dropped if the host rolls back, or rolls back a savepoint that
+    contained the operation.
+    """
+    owner = _innermost(session)
+    if owner is None:  # the operation has just run in it: never, short of a bug
+        raise RuntimeError("callora_credits: the host session has no transaction")
+    deferred = session.info.get(_PENDING)
+    if not isinstance(deferred, _Deferred):
+        deferred = session.info[_PENDING] = _Deferred()
+    deferred.pending.setdefault(owner, []).extend(callbacks)
+    # Listeners on this Session object only: on a scoped_session they would
+    # land on its class, and every session of the process would run them.
+    if not event.contains(session, "after_transaction_end", _on_transaction_end):
+        event.listen(session, "after_transaction_end", _on_transaction_end)
+    if not event.contains(session, "after_commit", _on_commit):
+        event.listen(session, "after_commit", _on_commit)
+
+
+def _actual_session(session: HostSession) -> Session:
+    """The session itself: Flask-SQLAlchemy's ``db.session`` is a registry."""
+    if isinstance(session, scoped_session):
+        current: Session = session()
+        return current
+    return session
 
 
 def run(
@@ -201,7 +267,7 @@ def run(
     *,
     engine: Engine,
     retries: int,
-    session: Session | None = None,
+    session: HostSession | None = None,
     stats: RetryStats | None = None,
     write: bool = True,
 ) -> T:
@@ -210,18 +276,22 @@ def run(
     Without ``session``: a transaction of its own on ``engine``, retried up to
     ``retries`` times on serialization failures, deadlocks, lock timeouts,
     SQLite's "database is locked" and lost connections; safe because every
-    unit carries an idempotency key. With ``session``: inside the host's
-    transaction, with no retries, callbacks deferred to the session's commit.
+    unit carries an idempotency key. With ``session`` (a ``Session`` or a
+    ``scoped_session`` such as Flask-SQLAlchemy's ``db.session``): inside the
+    host's transaction, with no retries; callbacks run once, when the host's
+    outermost transaction commits, and never if it (or a savepoint around the
+    call) rolls back.
     """
     if session is not None:
+        host = _actual_session(session)
         # A savepoint, so a refused operation leaves nothing half-done in the
         # host's transaction (the host may catch the error and commit).
-        _sqlite_begin(_connection(session, engine))
-        with session.begin_nested():
-            tx = Tx(_connection(session, engine), attempt=0)
+        _sqlite_begin(_connection(host, engine))
+        with host.begin_nested():
+            tx = Tx(_connection(host, engine), attempt=0)
             result = work(tx)
         if tx._after_commit:
-            _defer_to_session(session, list(tx._after_commit))
+            _defer_to_session(host, list(tx._after_commit))
         return result
 
     attempt = 0
@@ -237,9 +307,19 @@ def run(
             attempt += 1
             if stats is not None:
                 stats.add(reason)
+            if reason == "conflict":
+                # Routine, not trouble: every duplicate request ends here on
+                # its way to the replay, so INFO would cry wolf.
+                log.debug(
+                    "credits: a unique key was already taken (an idempotency key claimed "
+                    "by an earlier or concurrent request, or an account a concurrent first "
+                    "credit created); running again to replay or build on that committed "
+                    "row (attempt %d)",
+                    attempt,
+                )
+                continue
             log.info("credits: retrying a transaction (%s, attempt %d)", reason, attempt)
-            if reason != "conflict":
-                time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
             continue
         _fire(tx._after_commit)
         return result

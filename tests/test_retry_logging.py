@@ -1,0 +1,65 @@
+"""What a retried transaction logs: real retries at INFO, replays quietly."""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
+
+from callora_credits import current_ledger
+from callora_credits.db.unit_of_work import RetryStats, Tx, run
+
+
+def _retry_notices(records: list[logging.LogRecord]) -> list[str]:
+    return [
+        r.getMessage()
+        for r in records
+        if r.levelno >= logging.INFO and r.getMessage().startswith("credits: retrying")
+    ]
+
+
+def test_a_replayed_duplicate_is_not_logged_as_a_retry(app, user_id, caplog):
+    caplog.set_level(logging.DEBUG, logger="callora_credits")
+    with app.app_context():
+        ledger = current_ledger()
+        first = ledger.top_up(user_id, 5, idempotency_key=f"dup-{user_id}")
+        before = dict(ledger.stats.counts)
+        caplog.clear()
+        again = ledger.top_up(user_id, 5, idempotency_key=f"dup-{user_id}")
+        after = dict(ledger.stats.counts)
+        engine = app.extensions["sqlalchemy"].engine
+        with engine.connect() as conn:
+            balance = conn.execute(
+                sa.text("SELECT balance_units FROM credits WHERE user_id = :u"), {"u": user_id}
+            ).scalar()
+    assert again.id == first.id
+    assert balance == 5
+    # The duplicate reached its replay through a lost race on the key...
+    assert after.get("conflict", 0) == before.get("conflict", 0) + 1
+    assert _retry_notices(caplog.records) == []
+    # ...which is logged, at DEBUG, as what it is.
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("idempotency key" in m and "replay" in m for m in debug), debug
+
+
+def test_a_transient_failure_is_still_logged_at_info(app, caplog):
+    caplog.set_level(logging.DEBUG, logger="callora_credits")
+    locked = OperationalError("BEGIN IMMEDIATE", {}, Exception("database is locked"))
+    attempts: list[int] = []
+
+    def work(tx: Tx) -> int:
+        attempts.append(tx.attempt)
+        if tx.attempt == 0:
+            raise locked
+        return int(tx.conn.execute(sa.text("SELECT 1")).scalar_one())
+
+    stats = RetryStats()
+    with app.app_context():
+        engine = app.extensions["sqlalchemy"].engine
+        assert run(work, engine=engine, retries=2, stats=stats) == 1
+    assert attempts == [0, 1]
+    assert stats.counts == {"locked": 1}
+    assert _retry_notices(caplog.records) == [
+        "credits: retrying a transaction (locked, attempt 1)"
+    ]
