@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from flask import Blueprint, Response, request
 from flask.blueprints import BlueprintSetupState
@@ -28,12 +28,23 @@ from ..errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     ValidationError,
 )
 from ..extension import EXTENSION_KEY, CreditsState, check_engine
 from .responses import error_body, new_request_id, sanitize_request_id, status_of
 
-__all__ = ["Operation", "credits_bp", "json_response", "operation", "request_id"]
+__all__ = [
+    "UNAUTHORIZED_CODES",
+    "Operation",
+    "Scope",
+    "credits_bp",
+    "error_codes",
+    "error_statuses",
+    "json_response",
+    "operation",
+    "request_id",
+]
 
 log = logging.getLogger("callora_credits")
 
@@ -46,23 +57,91 @@ class AnyPathConverter(PathConverter):
     regex = r"[^/][\s\S]*?"
 
 
+#: Who may call an operation; the OpenAPI document names the configured
+#: scope strings for each.
+Scope = Literal["self", "owner", "service", "admin", "anyone"]
+
+#: The codes of a 401; :class:`~callora_credits.errors.Unauthorized` stands
+#: for all of them in an operation's ``errors``.
+UNAUTHORIZED_CODES = (
+    "UNAUTHORIZED",
+    "INVALID_AUTH_HEADER",
+    "MISSING_TOKEN",
+    "TOKEN_EXPIRED",
+    "TOKEN_NOT_ACTIVE",
+    "INVALID_TOKEN",
+    "MISSING_CLAIMS",
+)
+
+
+def _error_classes(cls: type[CreditsError]) -> list[type[CreditsError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_error_classes(sub))
+    return found
+
+
+def error_statuses() -> dict[str, int]:
+    """Every error code the library answers with, and its HTTP status."""
+    statuses = {cls.code: cls.status for cls in _error_classes(CreditsError)}
+    statuses.update(dict.fromkeys(UNAUTHORIZED_CODES, Unauthorized.status))
+    return statuses
+
+
+ErrorSpec = type[CreditsError] | str
+
+
+def error_codes(errors: tuple[ErrorSpec, ...]) -> tuple[str, ...]:
+    """The codes ``errors`` names: an error class stands for its code
+    (``Unauthorized`` for every 401 code), a string for itself. Every route may
+    answer ``INTERNAL_SERVER_ERROR``, so it is always included."""
+    known = error_statuses()
+    codes: list[str] = []
+    for item in (*errors, InternalError):
+        if isinstance(item, str):
+            named: tuple[str, ...] = (item,)
+        elif item is Unauthorized:
+            named = UNAUTHORIZED_CODES
+        else:
+            named = (item.code,)
+        for code in named:
+            if code not in known:
+                raise ValueError(f"unknown error code {code!r}: add it to callora_credits.errors")
+            if code not in codes:
+                codes.append(code)
+    return tuple(codes)
+
+
 @dataclass(frozen=True)
 class Operation:
-    """One documented route: what the OpenAPI document is built from."""
+    """One documented route: what the OpenAPI document is built from.
+
+    ``errors`` holds the codes the operation can answer with; their statuses
+    come from the error classes, so the document's responses derive from this
+    one list.
+    """
 
     method: str
     rule: str
     endpoint: str
     summary: str
-    scope: str
+    scope: Scope
     success: int
     response: type[BaseModel] | None
     query: type[BaseModel] | None = None
     body: type[BaseModel] | None = None
-    errors: tuple[int, ...] = ()
+    errors: tuple[str, ...] = ()
     idempotent_post: bool = False
     description: str = ""
     tags: tuple[str, ...] = field(default=("credits",))
+
+    def errors_by_status(self) -> dict[int, tuple[str, ...]]:
+        """The operation's error codes grouped by status, statuses ascending."""
+        statuses = error_statuses()
+        grouped: dict[int, list[str]] = {}
+        for code in self.errors:
+            grouped.setdefault(statuses[code], []).append(code)
+        return {status: tuple(grouped[status]) for status in sorted(grouped)}
 
 
 #: Every route of the blueprint, in registration order.
@@ -76,15 +155,21 @@ def operation(
     method: str,
     *,
     summary: str,
-    scope: str,
+    scope: Scope,
     success: int = 200,
     response: type[BaseModel] | None = None,
     query: type[BaseModel] | None = None,
     body: type[BaseModel] | None = None,
-    errors: tuple[int, ...] = (),
+    errors: tuple[ErrorSpec, ...] = (),
     description: str = "",
 ) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
-    """Register a view on ``credits_bp`` and record it for the OpenAPI document."""
+    """Register a view on ``credits_bp`` and record it for the OpenAPI document.
+
+    ``errors`` lists what the operation can answer besides success, as error
+    classes or codes; ``description`` is the prose of the document (the
+    view's docstring when empty).
+    """
+    codes = error_codes(errors)
 
     def decorator(view: Callable[..., Response]) -> Callable[..., Response]:
         endpoint = view.__name__
@@ -99,9 +184,9 @@ def operation(
                 response=response,
                 query=query,
                 body=body,
-                errors=errors,
+                errors=codes,
                 idempotent_post=method == "POST",
-                description=description or (view.__doc__ or "").strip(),
+                description=description or (view.__doc__ or ""),
             )
         )
         if rule.startswith("/credits"):
@@ -255,7 +340,7 @@ def _unexpected(error: Exception) -> Response:
 
 
 def _routing_error(rest: str = "") -> Response:
-    """The catch-all under /credits: JSON 404 or 405 (SPEC §4).
+    """The catch-all under /credits: a JSON 404 or 405 in the library's error shape.
 
     Routing errors are raised before a blueprint is chosen, so blueprint error
     handlers never see them; these rules catch what no real route matched.

@@ -83,7 +83,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorOut(BaseModel):
-    """The error body of every failure (SPEC §4)."""
+    """The body of every error response."""
 
     code: str = Field(examples=["VALIDATION_ERROR"])
     message: str

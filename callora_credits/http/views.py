@@ -25,9 +25,19 @@ from ..core.operations import (
 )
 from ..core.records import Entry, Hold
 from ..errors import (
+    BalanceLimitExceeded,
+    DuplicateReference,
+    Forbidden,
+    HoldAmountExceeded,
+    HoldNotPending,
+    IdempotencyConflict,
+    IdempotencyInProgress,
     IdempotencyKeyRequired,
+    InsufficientCredits,
     NotFound,
     PayloadTooLarge,
+    RefundExceedsCharge,
+    Unauthorized,
     ValidationError,
 )
 from ..extension import ledger_for
@@ -57,8 +67,20 @@ from .schemas import (
 
 __all__: list[str] = []
 
-AUTH_ERRORS = (400, 401, 403)
-WRITE_ERRORS = (400, 401, 403, 409, 413, 422)
+# What each kind of route can answer besides success (and a 500, which any
+# route may). A read validates its query and authenticates; a write also
+# checks the scope, the Idempotency-Key and the body, and may meet a
+# concurrent duplicate of its key. IdempotencyConflict is listed per route:
+# a release's only valid body is empty, so its key can never meet another.
+READ_ERRORS = (ValidationError, Unauthorized)
+WRITE_ERRORS = (
+    ValidationError,
+    IdempotencyKeyRequired,
+    Unauthorized,
+    Forbidden,
+    IdempotencyInProgress,
+    PayloadTooLarge,
+)
 
 
 Owned = TypeVar("Owned", Entry, Hold)
@@ -244,10 +266,13 @@ def _write_request(model: type[BaseModel], *, admin: bool) -> _WriteRequest:
     "/credits",
     "GET",
     summary="Read a balance",
-    scope="self (admin: ?user_id=)",
+    scope="self",
     response=BalanceOut,
     query=BalanceQuery,
-    errors=AUTH_ERRORS,
+    errors=(*READ_ERRORS, Forbidden),
+    description="A user with no balance yet gets a zero balance, created by this read. "
+    "`held_usdc` sums the pending holds that have not expired; `available_usdc` "
+    "is what a charge or hold may spend.",
 )
 def get_balance() -> Response:
     """The caller's balance (or, for an admin, ``?user_id=``'s).
@@ -270,7 +295,10 @@ def get_balance() -> Response:
     success=201,
     response=EntryOut,
     body=TopUpIn,
-    errors=WRITE_ERRORS,
+    errors=(*WRITE_ERRORS, IdempotencyConflict, DuplicateReference, BalanceLimitExceeded),
+    description="Credit a user's balance, for example when a payment has been received. "
+    "A `reference` (an external payment id) credits at most once per user, even "
+    "under different idempotency keys.",
 )
 def top_up() -> Response:
     """Credit a user's balance (a payment received). Needs the admin scope.
@@ -290,7 +318,10 @@ def top_up() -> Response:
     success=201,
     response=EntryOut,
     body=AdjustmentIn,
-    errors=(*WRITE_ERRORS, 402),
+    errors=(*WRITE_ERRORS, IdempotencyConflict, InsufficientCredits, BalanceLimitExceeded),
+    description="A signed correction: a chargeback, a goodwill credit, a fix. A negative "
+    "amount may not take the balance below zero, nor below what pending holds "
+    "reserve.",
 )
 def adjust() -> Response:
     """A signed correction (chargeback, fix); never takes the balance below zero."""
@@ -306,7 +337,9 @@ def adjust() -> Response:
     success=201,
     response=EntryOut,
     body=ChargeIn,
-    errors=(*WRITE_ERRORS, 402),
+    errors=(*WRITE_ERRORS, IdempotencyConflict, InsufficientCredits, DuplicateReference),
+    description="Debit a user's available balance (the balance minus pending holds). A "
+    "user who has never had a balance has nothing available.",
 )
 def charge() -> Response:
     """Debit a user's available balance; 402 when it does not cover the amount."""
@@ -322,7 +355,15 @@ def charge() -> Response:
     success=201,
     response=EntryOut,
     body=RefundIn,
-    errors=(*WRITE_ERRORS, 404),
+    errors=(
+        *WRITE_ERRORS,
+        IdempotencyConflict,
+        NotFound,
+        RefundExceedsCharge,
+        BalanceLimitExceeded,
+    ),
+    description="Give back all or part of a `charge` or `hold_capture` entry; without an "
+    "amount, what is left of it. Refunding any other entry type is a 400.",
 )
 def refund(transaction_id: str) -> Response:
     """Give back all or part of a ``charge`` or ``hold_capture`` entry."""
@@ -334,10 +375,12 @@ def refund(transaction_id: str) -> Response:
     "/credits/transactions",
     "GET",
     summary="List ledger entries",
-    scope="self (admin: ?user_id=)",
+    scope="self",
     response=EntryPageOut,
     query=TransactionsQuery,
-    errors=AUTH_ERRORS,
+    errors=(*READ_ERRORS, Forbidden),
+    description="The ledger, newest first (by `seq`), cursor-paginated. Entries written "
+    "while a client pages never shift the pages that follow.",
 )
 def list_transactions() -> Response:
     """The caller's history, newest first, cursor-paginated."""
@@ -369,9 +412,10 @@ def list_transactions() -> Response:
     "/credits/transactions/<transaction_id>",
     "GET",
     summary="Read one ledger entry",
-    scope="owner or admin",
+    scope="owner",
     response=EntryOut,
-    errors=(*AUTH_ERRORS, 404),
+    errors=(*READ_ERRORS, NotFound),
+    description="One ledger entry, by id.",
 )
 def get_transaction(transaction_id: str) -> Response:
     """One entry; another user's entry is a 404, so ids cannot be probed."""
@@ -409,7 +453,9 @@ def _limit(limit: int | None, cfg: CreditsConfig) -> int:
     success=201,
     response=HoldOut,
     body=HoldIn,
-    errors=(*WRITE_ERRORS, 402),
+    errors=(*WRITE_ERRORS, IdempotencyConflict, InsufficientCredits, DuplicateReference),
+    description="Reserve part of a user's available balance until it is captured, "
+    "released or expires: the first step of a two-phase charge.",
 )
 def create_hold() -> Response:
     """Reserve part of a user's available balance (two-phase charge, step one)."""
@@ -421,10 +467,11 @@ def create_hold() -> Response:
     "/credits/holds",
     "GET",
     summary="List pending holds",
-    scope="self (admin: ?user_id=)",
+    scope="self",
     response=HoldPageOut,
     query=HoldsQuery,
-    errors=AUTH_ERRORS,
+    errors=(*READ_ERRORS, Forbidden),
+    description="Pending holds that have not expired, newest first, cursor-paginated.",
 )
 def list_holds() -> Response:
     """The caller's pending, unexpired holds, newest first, cursor-paginated."""
@@ -442,9 +489,11 @@ def list_holds() -> Response:
     "/credits/holds/<hold_id>",
     "GET",
     summary="Read one hold",
-    scope="owner or admin",
+    scope="owner",
     response=HoldOut,
-    errors=(*AUTH_ERRORS, 404),
+    errors=(*READ_ERRORS, NotFound),
+    description="One hold, in any status; a pending hold past its `expires_at` reads as "
+    "`expired`.",
 )
 def get_hold(hold_id: str) -> Response:
     """One hold; another user's hold is a 404, so ids cannot be probed."""
@@ -462,7 +511,9 @@ def get_hold(hold_id: str) -> Response:
     scope="service",
     response=HoldOut,
     body=CaptureIn,
-    errors=(*WRITE_ERRORS, 402, 404),
+    errors=(*WRITE_ERRORS, IdempotencyConflict, NotFound, HoldNotPending, HoldAmountExceeded),
+    description="Spend up to the held amount (default: all of it) and release the rest, "
+    "writing one `hold_capture` ledger entry. Capturing `0` releases the hold.",
 )
 def capture_hold(hold_id: str) -> Response:
     """Spend up to the held amount (default: all); the rest is released."""
@@ -477,7 +528,8 @@ def capture_hold(hold_id: str) -> Response:
     scope="service",
     response=HoldOut,
     body=ReleaseIn,
-    errors=(*WRITE_ERRORS, 404),
+    errors=(*WRITE_ERRORS, NotFound, HoldNotPending),
+    description="Give the whole reservation back. No ledger entry is written.",
 )
 def release_hold(hold_id: str) -> Response:
     """Give the whole reservation back."""
@@ -491,6 +543,8 @@ def release_hold(hold_id: str) -> Response:
     summary="This API's OpenAPI 3.1 document",
     scope="anyone",
     response=None,
+    errors=(ValidationError,),
+    description="This document, with paths under the prefix the blueprint is mounted at.",
 )
 def openapi_document() -> Response:
     """The OpenAPI 3.1 document of every route of the blueprint."""
