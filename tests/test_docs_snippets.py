@@ -14,7 +14,9 @@ HTML comment on the line before its fence (invisible on the rendered page):
   page's previous Python block, as a reader running the page top to bottom.
 
 **HTTP examples**: every ``curl`` command of a shell block is sent, in page
-order, to one fresh host app per page (SQLite). ``$BASE`` is
+order, to one fresh host app per page (SQLite); a ``flask … credits …``
+command among them runs on that app through Flask's CLI runner (it must exit
+0). ``$BASE`` is
 ``http://127.0.0.1:5000/api/billing``; ``$TOKEN`` and ``$USER_TOKEN`` are
 tokens of ``user_123`` with no scope, ``$SERVICE_TOKEN`` of ``api_gateway``
 with ``credits:charge``, ``$ADMIN_TOKEN`` of ``ops_admin`` with
@@ -215,6 +217,16 @@ def _complete(command: str) -> bool:
     return True
 
 
+def _credits_cli(command: str) -> list[str] | None:
+    """The arguments after ``flask [--app X]`` of a ``flask … credits …`` command."""
+    if not command.startswith("flask ") or not _complete(command):
+        return None
+    args = shlex.split(command, comments=True)[1:]
+    if args[:1] == ["--app"]:
+        args = args[2:]
+    return args if args[:1] == ["credits"] else None
+
+
 def curl_commands(block: Block) -> list[Curl]:
     """The curl commands of a shell block (continuation lines joined)."""
     if block.lang not in ("sh", "bash", "shell", "console"):
@@ -232,7 +244,7 @@ def curl_commands(block: Block) -> list[Curl]:
             else:  # a newline inside quotes
                 command = command + "\n" + lines[index]
         command = command.strip().removeprefix("$ ")
-        if command.startswith("curl "):
+        if command.startswith("curl ") or _credits_cli(command) is not None:
             commands.append(Curl(block.page, block.line + 1 + start, command))
         index += 1
     return commands
@@ -502,6 +514,12 @@ def test_http_examples_replay(exchanges: list[Exchange], apps: Apps) -> None:
     ids: dict[str, str] = {}
     for exchange in exchanges:
         where = f"{exchange.curl.page}:{exchange.curl.line}"
+        cli = _credits_cli(exchange.curl.command)
+        if cli is not None:
+            # A `flask credits …` step of the page, run on the same app.
+            result = app.test_cli_runner().invoke(args=cli)
+            assert result.exit_code == 0, f"{where}: {result.output}"
+            continue
         for shown in exchange.responses or [None]:
             sent = _request(_expand(exchange.curl.command, ids))
             url = urlsplit(sent["url"])

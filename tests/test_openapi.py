@@ -84,13 +84,22 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
 
 # Declared codes the requests below do not produce, and why they can happen.
 _RACE = (
-    "a duplicate of a finished capture or release fails with HOLD_NOT_PENDING and "
-    "replays the first answer; only two concurrent duplicates that both fail, "
-    "racing to record the failure, can outlast the wait bound"
+    "a duplicate of a finished request replays it; only a duplicate whose claim "
+    "keeps losing to concurrent ones past CREDITS_IDEMPOTENCY_WAIT_SECONDS answers 409"
 )
 NOT_DRIVEN: dict[tuple[str, str], dict[str, str]] = {
-    ("POST", "/credits/holds/<hold_id>/capture"): {"IDEMPOTENCY_IN_PROGRESS": _RACE},
-    ("POST", "/credits/holds/<hold_id>/release"): {"IDEMPOTENCY_IN_PROGRESS": _RACE},
+    **{
+        ("POST", rule): {"IDEMPOTENCY_IN_PROGRESS": _RACE}
+        for rule in (
+            "/credits/topup",
+            "/credits/adjustments",
+            "/credits/charge",
+            "/credits/holds",
+            "/credits/transactions/<transaction_id>/refund",
+            "/credits/holds/<hold_id>/capture",
+            "/credits/holds/<hold_id>/release",
+        )
+    },
     ("GET", "/openapi.json"): {
         "INTERNAL_SERVER_ERROR": "built from code alone, it reaches no database: "
         "only a bug in the library could fail it"
@@ -343,8 +352,8 @@ def drive(
     )
     assert topup_entry["type"] == "topup"
 
-    # On the limited app: the balance limit, and duplicates that find the
-    # first request's key taken after the (zero) wait bound.
+    # On the limited app: the balance limit, and duplicates of finished
+    # requests, replayed even though the wait bound is zero.
     lim = Recorder(limited, seen)
     poor = f"oa_limited_{tag}"
     lim.send("POST", f"{BASE}/topup", headers=admin, json={"user_id": poor, "amount_usdc": "11"})
@@ -369,9 +378,12 @@ def drive(
         f"{BASE}/transactions/{spent['id']}/refund": (admin, {"amount_usdc": "0.1"}),
     }
     for path, (headers, body) in duplicates.items():
+        # A finished request is replayed, never "in progress", even with no wait.
         twice = f"twice-{uuid.uuid4().hex}"
-        lim.send("POST", path, headers=headers, key=twice, json=body)
-        lim.send("POST", path, headers=headers, key=twice, json=body)
+        first = lim.send("POST", path, headers=headers, key=twice, json=body)
+        again = lim.send("POST", path, headers=headers, key=twice, json=body)
+        assert again.headers.get("Idempotent-Replayed") == "true", (path, again.get_json())
+        assert (again.status_code, again.get_data()) == (first.status_code, first.get_data())
 
     # On the broken app: a 500 on every route that reads or writes the ledger.
     down = Recorder(broken, seen)

@@ -220,7 +220,9 @@ class IdempotentExecutor:
             try:
                 store.insert_idempotency(tx.conn, values)
             except IntegrityError:
-                if time.monotonic() > deadline:
+                # The first conflict always runs again, to replay a request
+                # that has finished; only repeated losses are "in progress".
+                if tx.attempt > 0 and time.monotonic() > deadline:
                     raise IdempotencyInProgress() from None
                 raise RetryTransaction() from None
 

@@ -174,6 +174,19 @@ def possible_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and _printable(value)
 
 
+def _ttl(value: object, most: int) -> None:
+    # The codes the HTTP request model gives for the same mistakes.
+    if type(value) is not int:
+        code = "int_type"
+    elif value < 1:
+        code = "greater_than_equal"
+    elif value > most:
+        code = "less_than_equal"
+    else:
+        return
+    raise ValidationError.on("expires_in_seconds", f"expires_in_seconds must be 1 to {most}", code)
+
+
 def _object_id(value: object, missing: str) -> None:
     if not isinstance(value, str):
         raise ValidationError.on("id", "Use the id as a string", "type")
@@ -307,12 +320,8 @@ class CreateHold(Operation):
         ttl = self.expires_in_seconds
         if ttl is None:
             object.__setattr__(self, "expires_in_seconds", self.limits.hold_ttl_seconds)
-        elif type(ttl) is not int or not 1 <= ttl <= self.limits.hold_ttl_max_seconds:
-            raise ValidationError.on(
-                "expires_in_seconds",
-                f"expires_in_seconds must be 1 to {self.limits.hold_ttl_max_seconds}",
-                "range",
-            )
+        else:
+            _ttl(ttl, self.limits.hold_ttl_max_seconds)
         _reference(self.reference)
         _metadata(self.metadata)
         _optional_identity("actor_id", self.actor_id)

@@ -83,8 +83,8 @@ def _error_classes(cls: type[CreditsError]) -> list[type[CreditsError]]:
 
 def error_statuses() -> dict[str, int]:
     """Every error code the library answers with, and its HTTP status."""
-    statuses = {cls.code: cls.status for cls in _error_classes(CreditsError)}
-    statuses.update(dict.fromkeys(UNAUTHORIZED_CODES, Unauthorized.status))
+    statuses = {cls.code: status_of(cls) for cls in _error_classes(CreditsError)}
+    statuses.update(dict.fromkeys(UNAUTHORIZED_CODES, status_of(Unauthorized)))
     return statuses
 
 

@@ -63,9 +63,10 @@ STATUS: dict[type[CreditsError], int] = {
 }
 
 
-def status_of(error: CreditsError) -> int:
-    """The status that answers ``error`` (500 for anything unexpected)."""
-    for cls in type(error).__mro__:
+def status_of(error: CreditsError | type[CreditsError]) -> int:
+    """The status that answers ``error`` or its class (500 for anything unexpected)."""
+    kind = error if isinstance(error, type) else type(error)
+    for cls in kind.__mro__:
         status = STATUS.get(cls)
         if status is not None:
             return status
