@@ -225,16 +225,28 @@ def test_scopes_in_other_claims_are_ignored(host, client, victim):
     assert custom.get(f"{BASE}?user_id={user}", headers=granted).status_code == 200
 
 
-def test_service_scope_never_mints_or_reads_others(app, client, victim):
+def test_service_scope_never_mints_and_learns_only_the_charged_balance(app, client, victim):
     service = bearer(uid("gateway"), scopes=SERVICE_SCOPE)
     before = snapshot(app, victim["user_id"])
     for method, path, body in admin_requests(victim):
         assert_error(send(client, method, path, body, service), 403, "FORBIDDEN")
     assert_cannot_see_foreign_ids(client, victim, service)
     assert snapshot(app, victim["user_id"]) == before
-    # What it is for still works.
+    # What it is for still works, and a charge tells it the user's balance
+    # after the debit (20 topped up, 2 charged, 1 now; the 3 held still count).
     charge = send(client, *service_requests(victim)[0], service)
     assert charge.status_code == 201, charge.json
+    assert charge.json["balance_after_usdc"] == "17.0000000"
+    # A hold carries no balance; a refusal names no amount.
+    hold = send(client, *service_requests(victim)[1], service)
+    assert hold.status_code == 201, hold.json
+    assert not [name for name in hold.json if "balance" in name]
+    too_much = {"user_id": victim["user_id"], "amount_usdc": "1000"}
+    body = assert_error(
+        send(client, "POST", f"{BASE}/charge", too_much, service), 402, "INSUFFICIENT_CREDITS"
+    )
+    assert body["details"] == []
+    assert not any(character.isdigit() for character in body["message"])
 
 
 # --- ids of other users --------------------------------------------------------------------

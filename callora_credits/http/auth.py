@@ -1,42 +1,51 @@
-"""Who is calling, and what they may do (SPEC §3).
+"""Who is calling, and what they may do.
 
-The token is read from the host's ``JWT_HEADER_NAME`` header by this module
-and verified the way Flask-JWT-Extended's ``decode_token`` verifies it, so
-the host's keys (and decode key loader), algorithms, audience, issuer,
-identity claim, leeway, blocklist and claims verification all apply. Only
-header tokens are accepted: no cookies, no query strings. ``X-User-Id`` is
-an identity only when the host opts in with ``CREDITS_TRUST_USER_ID_HEADER``
-(an app behind an authenticating gateway).
+A token is verified by Flask-JWT-Extended itself, through
+``verify_jwt_in_request(locations=["headers"])``, so the credits routes accept
+a token exactly when the host's own ``@jwt_required()`` routes accept it from
+the headers: every ``JWT_*`` setting and loader of the host applies. Only the
+header is read, whatever ``JWT_TOKEN_LOCATION`` says. ``X-User-Id`` is an
+identity only when the host opts in with ``CREDITS_TRUST_USER_ID_HEADER`` (an
+app behind an authenticating gateway).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
-import jwt
 from flask import current_app, request
-from flask_jwt_extended import decode_token
-from flask_jwt_extended.config import config as jwt_config
-from flask_jwt_extended.default_callbacks import default_decode_key_callback
-from flask_jwt_extended.exceptions import JWTDecodeError, JWTExtendedException
-from flask_jwt_extended.internal_utils import (
-    custom_verification_for_token,
-    verify_token_not_blocklisted,
+from flask_jwt_extended import get_jwt_identity, verify_jwt_in_request
+from flask_jwt_extended.exceptions import (
+    InvalidHeaderError,
+    JWTDecodeError,
+    JWTExtendedException,
+    NoAuthorizationError,
+    RevokedTokenError,
+    WrongTokenError,
 )
-from jwt.exceptions import InvalidSubjectError
-from jwt.utils import base64url_decode
+from jwt.exceptions import (
+    ExpiredSignatureError,
+    ImmatureSignatureError,
+    InvalidSubjectError,
+    PyJWTError,
+)
 from werkzeug.datastructures import Headers
 
 from ..config import CreditsConfig, config
 from ..errors import Forbidden, Unauthorized
 
-__all__ = ["Caller", "authenticate", "current_caller", "valid_identity"]
+__all__ = ["Caller", "authenticate", "current_caller", "scope_required", "valid_identity"]
 
 USER_ID_HEADER = "X-User-Id"
 MAX_IDENTITY_LENGTH = 128
+_JWT_EXTENSION = "flask-jwt-extended"
+
+
+def scope_required(scope: str, operation: str = "This operation") -> Forbidden:
+    """The 403 for a caller without ``scope`` (the configured scope string)."""
+    return Forbidden(f"{operation} requires the {scope} scope")
 
 
 @dataclass(frozen=True)
@@ -56,23 +65,26 @@ class Caller:
         return cfg.service_scope in self.scopes or self.is_admin(cfg)
 
     def require_admin(self, cfg: CreditsConfig) -> None:
+        """Raise :class:`~callora_credits.errors.Forbidden` without the admin scope."""
         if not self.is_admin(cfg):
-            raise Forbidden(f"This operation requires the {cfg.admin_scope} scope")
+            raise scope_required(cfg.admin_scope)
 
     def require_service(self, cfg: CreditsConfig) -> None:
+        """Raise :class:`~callora_credits.errors.Forbidden` without the service
+        (or admin) scope."""
         if not self.is_service(cfg):
-            raise Forbidden(f"This operation requires the {cfg.service_scope} scope")
+            raise scope_required(cfg.service_scope)
 
     def target_user(self, requested: str | None, cfg: CreditsConfig) -> str:
         """The user a read is about: the caller, or another one for an admin."""
         if requested is None or requested == self.user_id:
             return self.user_id
         if not self.is_admin(cfg):
-            raise Forbidden("Reading another user's data requires the admin scope")
+            raise scope_required(cfg.admin_scope, "Reading another user's data")
         return requested
 
 
-def valid_identity(value: object) -> bool:
+def valid_identity(value: object) -> TypeGuard[str]:
     """1-128 printable characters, not all blank."""
     return (
         isinstance(value, str)
@@ -92,120 +104,77 @@ def _scopes(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
     return frozenset()
 
 
-def _token_from_header(raw: str, header_type: str) -> str:
-    value = raw.strip()
-    if not header_type:
-        token = value
-    else:
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != header_type.lower():
-            raise Unauthorized(
-                f"Authorization header must use the {header_type} scheme",
-                "INVALID_AUTH_HEADER",
-            )
-        token = token.strip()
-    if not token:
-        raise Unauthorized("Bearer token is missing", "MISSING_TOKEN")
-    if any(ch in token for ch in " ,\t"):
-        raise Unauthorized("Send exactly one token", "INVALID_TOKEN")
-    return token
+#: How each refusal of Flask-JWT-Extended or PyJWT is reported: the first row
+#: whose exception class matches gives the code and message. A header refusal
+#: is ``MISSING_TOKEN`` instead when the header holds no token at all.
+REFUSALS: tuple[tuple[type[Exception], str, str], ...] = (
+    (NoAuthorizationError, "INVALID_AUTH_HEADER", "Send one token, as '{expected}'"),
+    (InvalidHeaderError, "INVALID_AUTH_HEADER", "Send one token, as '{expected}'"),
+    (ExpiredSignatureError, "TOKEN_EXPIRED", "Token has expired"),
+    (ImmatureSignatureError, "TOKEN_NOT_ACTIVE", "Token is not valid yet"),
+    # PyJWT's check that `sub` is a string.
+    (InvalidSubjectError, "MISSING_CLAIMS", "Token identity must be a string"),
+    # Flask-JWT-Extended raises it for a missing identity claim only (and a
+    # missing csrf claim, which header tokens never need).
+    (JWTDecodeError, "MISSING_CLAIMS", "Token has no identity claim"),
+    (WrongTokenError, "INVALID_TOKEN", "A refresh token cannot be used here"),
+    (RevokedTokenError, "INVALID_TOKEN", "Token has been revoked"),
+    # A `token_verification_loader` or `user_lookup_loader` that said no.
+    (JWTExtendedException, "INVALID_TOKEN", "Token is invalid"),
+    # Signature, algorithm, malformed, audience, issuer.
+    (PyJWTError, "INVALID_TOKEN", "Token is invalid"),
+)
+_HEADER_REFUSALS = (NoAuthorizationError, InvalidHeaderError)
 
 
-def _segment(token: str, index: int) -> dict[str, Any]:
-    """A JSON object segment of ``token``, read without verifying anything."""
-    try:
-        value = json.loads(base64url_decode(token.split(".")[index]))
-    except (IndexError, ValueError, TypeError, UnicodeDecodeError):
-        raise jwt.DecodeError("Invalid token segment") from None
-    if not isinstance(value, dict):
-        raise jwt.DecodeError("Invalid token segment")
-    return value
-
-
-def _decode(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify ``token`` as Flask-JWT-Extended's ``decode_token`` does: the
-    host's decode key loader, algorithms, audience, issuer, leeway and
-    identity claim. Returns ``(header, claims)``.
-
-    ``decode_token`` parses a token three times (twice unverified, for the key
-    loader); this parses it with verification once, and reads the loader's
-    inputs from the segments only when the host has registered a loader. On
-    a Flask-JWT-Extended that keeps its loader or settings elsewhere,
-    ``decode_token`` itself runs.
-    """
-    manager = current_app.extensions["flask-jwt-extended"]
-    key_loader = getattr(manager, "_decode_key_callback", None)
-    verify_sub = getattr(jwt_config, "verify_sub", None)
-    if key_loader is None or verify_sub is None:
-        claims: dict[str, Any] = decode_token(token)
-        return _segment(token, 0), claims
-    if key_loader is default_decode_key_callback:
-        secret = jwt_config.decode_key
-    else:
-        secret = key_loader(_segment(token, 0), _segment(token, 1))
-    audience = jwt_config.decode_audience
-    decoded = jwt.decode_complete(
-        token,
-        secret,
-        algorithms=jwt_config.decode_algorithms,
-        audience=audience,
-        issuer=jwt_config.decode_issuer,
-        leeway=jwt_config.leeway,
-        options={"verify_aud": audience is not None, "verify_sub": verify_sub},
+def _refusal(error: Exception, value: str) -> Unauthorized:
+    """The 401 for a token header (``value``) that Flask-JWT-Extended refused."""
+    code, message = next((c, m) for kind, c, m in REFUSALS if isinstance(error, kind))
+    if not isinstance(error, _HEADER_REFUSALS):
+        return Unauthorized(message, code)
+    app_config = current_app.config
+    name, scheme = app_config["JWT_HEADER_NAME"], app_config["JWT_HEADER_TYPE"]
+    # This only names the refusal; whether a header is accepted is decided by
+    # Flask-JWT-Extended alone. InvalidHeaderError means it found exactly one
+    # field starting with the scheme and could not take one token from it.
+    empty = not value.replace(",", " ").split()
+    scheme_alone = isinstance(error, InvalidHeaderError) and any(
+        field.split() == [scheme] for field in value.split(",")
     )
-    header: dict[str, Any] = decoded["header"]
-    claims = decoded["payload"]
-    if jwt_config.identity_claim_key not in claims:
-        raise JWTDecodeError(f"Missing claim: {jwt_config.identity_claim_key}")
-    # The defaults decode_token fills in, which blocklist and verification
-    # loaders may read.
-    claims.setdefault("type", "access")
-    claims.setdefault("fresh", False)
-    claims.setdefault("jti", None)
-    return header, claims
+    if empty or scheme_alone:
+        return Unauthorized(f"The {name} header holds no token", "MISSING_TOKEN")
+    expected = f"{name}: {scheme} <token>" if scheme else f"{name}: <token>"
+    return Unauthorized(message.format(expected=expected), code)
 
 
-def _verify(token: str) -> dict[str, Any]:
+def _token_caller(value: str, cfg: CreditsConfig) -> Caller:
     try:
-        header, claims = _decode(token)
-        if claims.get("type") == "refresh":
-            raise Unauthorized("A refresh token cannot be used here", "INVALID_TOKEN")
-        verify_token_not_blocklisted(header, claims)
-        custom_verification_for_token(header, claims)
-    except jwt.ExpiredSignatureError:
-        raise Unauthorized("Token has expired", "TOKEN_EXPIRED") from None
-    except jwt.ImmatureSignatureError:
-        raise Unauthorized("Token is not valid yet", "TOKEN_NOT_ACTIVE") from None
-    except InvalidSubjectError:
-        raise Unauthorized("Token identity must be a string", "MISSING_CLAIMS") from None
-    except JWTExtendedException as exc:
-        if str(exc).startswith("Missing claim"):
-            raise Unauthorized("Token has no identity claim", "MISSING_CLAIMS") from None
-        raise Unauthorized("Token is invalid", "INVALID_TOKEN") from None
-    except jwt.PyJWTError:
-        raise Unauthorized("Token is invalid", "INVALID_TOKEN") from None
-    return claims
+        verified = verify_jwt_in_request(locations=["headers"])
+    except (JWTExtendedException, PyJWTError) as error:
+        raise _refusal(error, value) from None
+    if verified is None:
+        # Flask-JWT-Extended verifies nothing for an exempt method (OPTIONS),
+        # so there is no identity to act for.
+        raise Unauthorized()
+    _, claims = verified  # what get_jwt() returns, without looking it up again
+    identity = get_jwt_identity()
+    if not valid_identity(identity):
+        raise Unauthorized("Token identity must be 1-128 printable characters", "MISSING_CLAIMS")
+    return Caller(identity, _scopes(claims, cfg.scope_claim), "jwt")
 
 
 def authenticate(headers: Headers, cfg: CreditsConfig) -> Caller:
-    """Resolve the caller from request headers, or raise :class:`Unauthorized`.
+    """Resolve the caller of the current request, or raise :class:`Unauthorized`.
 
-    With a ``JWTManager``, a present token header wins over ``X-User-Id``;
-    without one, the token header is ignored (SPEC §3).
+    ``headers`` are the current request's headers. With a ``JWTManager``, a
+    present token header (``JWT_HEADER_NAME``) is verified by
+    Flask-JWT-Extended and wins over ``X-User-Id``, even when it is refused;
+    without one, the token header is ignored.
     """
-    app_config = current_app.config
-    has_jwt = "flask-jwt-extended" in current_app.extensions
-    header_name = app_config.get("JWT_HEADER_NAME", "Authorization")
-    raw = headers.get(header_name)
-    if has_jwt and raw is not None:
-        token = _token_from_header(raw, app_config.get("JWT_HEADER_TYPE", "Bearer"))
-        claims = _verify(token)
-        identity = claims.get(app_config.get("JWT_IDENTITY_CLAIM", "sub"))
-        if not valid_identity(identity):
-            raise Unauthorized(
-                "Token identity must be 1-128 printable characters", "MISSING_CLAIMS"
-            )
-        return Caller(str(identity), _scopes(claims, cfg.scope_claim), "jwt")
+    if _JWT_EXTENSION in current_app.extensions:
+        value = headers.get(current_app.config["JWT_HEADER_NAME"])
+        if value is not None:
+            return _token_caller(value, cfg)
     if cfg.trust_user_id_header:
         user_id = headers.get(USER_ID_HEADER)
         if user_id is not None:
