@@ -481,7 +481,7 @@ def test_current_caller_for_host_routes(app, client, auth):
 
 def test_no_identity_where_flask_jwt_extended_verifies_nothing(app, auth):
     """Flask-JWT-Extended skips verification for OPTIONS; no identity follows."""
-    from callora_credits import current_caller
+    from callora_credits import current_caller, error_response
     from callora_credits.errors import CreditsError
 
     @app.route("/whoami", methods=["GET", "OPTIONS"], provide_automatic_options=False)
@@ -489,7 +489,7 @@ def test_no_identity_where_flask_jwt_extended_verifies_nothing(app, auth):
         try:
             return {"user_id": current_caller().user_id}
         except CreditsError as error:
-            return error.body("req"), error.status
+            return error_response(error)
 
     client = app.test_client()
     headers = auth("carol")

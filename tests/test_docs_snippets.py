@@ -44,10 +44,8 @@ still be true: the reason phrase is the one the server sends, and a JSON
 error body has the library's shape, a code the library has, and that code's
 status when a status line is shown.
 
-Other blocks (shell commands other than ``curl``, console transcripts, text)
-are not run. ``KNOWN_BROKEN`` lists the snippets of pages being rewritten
-elsewhere that fail today; each is a strict xfail, so fixing one fails the
-run until it leaves the list.
+Other blocks (shell commands other than ``curl`` and ``flask … credits``,
+console transcripts, text) are not run.
 """
 
 from __future__ import annotations
@@ -87,25 +85,6 @@ SETUPS = {"host-app", "app-without-credits", "continues"}
 ERROR_KEYS = {"code", "message", "requestId", "details"}
 MAPPED = re.compile(r"^(?:ctx|hold|req)_[0-9a-f]{24}$")
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
-
-# Snippets of pages other people are rewriting, which fail today: page:line
-# of the block (or of the page's first command, for its HTTP examples).
-_NO_SETUP = "needs <!-- snippet: host-app --> before its fence"
-KNOWN_BROKEN: dict[str, str] = {
-    "docs/configuration.md:76": "needs <!-- snippet: app-without-credits --> and to import "
-    "credits_bp",
-    "docs/integration.md:82": _NO_SETUP,
-    "docs/integration.md:113": _NO_SETUP,
-    "docs/integration.md:141": _NO_SETUP,
-    "docs/integration.md:180": _NO_SETUP,
-    "docs/integration.md:193": _NO_SETUP,
-    "docs/integration.md:210": _NO_SETUP,
-    "docs/integration.md:281": _NO_SETUP,
-    "docs/integration.md:337": f"{_NO_SETUP}, and Order is not defined",
-    "docs/integration.md:365": "needs <!-- snippet: continues --> after the block above, "
-    "which defines units and order",
-    "docs/integration.md:397": _NO_SETUP,
-}
 
 
 # --- reading a page ------------------------------------------------------------------
@@ -211,7 +190,7 @@ def read_page(path: Path) -> list[Block | Status]:
 def _complete(command: str) -> bool:
     """Whether ``command`` closes every quote it opens."""
     try:
-        shlex.split(command)
+        shlex.split(command, comments=True)
     except ValueError:
         return False
     return True
@@ -385,10 +364,7 @@ def _illustrated_pages() -> list[Any]:
 
 
 def _case(case_id: str, value: Any) -> Any:
-    marks = []
-    if case_id in KNOWN_BROKEN:
-        marks.append(pytest.mark.xfail(reason=KNOWN_BROKEN[case_id], strict=True))
-    return pytest.param(value, id=case_id, marks=marks)
+    return pytest.param(value, id=case_id)
 
 
 def test_the_convention_is_used_as_documented():

@@ -242,11 +242,15 @@ class Posting:
             raise NotFound("No such transaction")
         self.user_id = found.user_id
         if found.type not in REFUNDABLE_TYPES:
-            raise ValidationError.on(
-                "transaction_id",
-                f"This is a {found.type} entry; only charge and hold_capture entries "
-                "can be refunded",
-                "not_refundable",
+            raise ValidationError(
+                "Only charge and hold_capture entries can be refunded",
+                details=[
+                    {
+                        "field": "transaction_id",
+                        "message": f"This is a {found.type} entry",
+                        "code": "not_refundable",
+                    }
+                ],
             )
         # Lock order: the account first, as every balance change does.
         store.lock_account(self.conn, found.user_id)
