@@ -11,7 +11,7 @@ from .core.money import parse_limit
 
 __all__ = ["DEFAULTS", "CreditsConfig", "config"]
 
-#: Every key the library reads, with its default (SPEC §11). Set on the host
+#: Every key the library reads, with its default. Set on the host
 #: app with ``setdefault`` when the blueprint is registered.
 DEFAULTS: Mapping[str, Any] = {
     "CREDITS_TRUST_USER_ID_HEADER": False,

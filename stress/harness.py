@@ -36,7 +36,7 @@ from sqlalchemy.pool import NullPool
 
 from callora_credits import migrate
 from callora_credits.core.records import Entry
-from callora_credits.db.models import Account, Hold, IdempotencyRecord, LedgerEntry
+from callora_credits.db.models import Account, HoldRow, IdempotencyRecord, LedgerEntry
 
 from .app import DEFAULT_JWT_SECRET, create_app
 from .client import ClientConfig, client_main
@@ -650,7 +650,7 @@ def verify(
     try:
         with engine.connect() as conn:
             a, t = Account.__table__, LedgerEntry.__table__
-            h, i = Hold.__table__, IdempotencyRecord.__table__
+            h, i = HoldRow.__table__, IdempotencyRecord.__table__
             accounts = {
                 r.user_id: r for r in conn.execute(sa.select(a).where(a.c.user_id.like(like)))
             }

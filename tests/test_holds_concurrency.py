@@ -8,7 +8,7 @@ import threading
 import sqlalchemy as sa
 
 from callora_credits import current_ledger
-from callora_credits.db.models import Account, Hold, LedgerEntry
+from callora_credits.db.models import Account, HoldRow, LedgerEntry
 from callora_credits.errors import CreditsError
 
 
@@ -63,7 +63,7 @@ def test_mix_of_charges_holds_captures_releases(app, user_id):
         ledger = current_ledger()
         engine = ledger.engine
         with engine.connect() as conn:
-            a, t, h = Account.__table__, LedgerEntry.__table__, Hold.__table__
+            a, t, h = Account.__table__, LedgerEntry.__table__, HoldRow.__table__
             balance = conn.execute(
                 sa.select(a.c.balance_units).where(a.c.user_id == user_id)
             ).scalar_one()

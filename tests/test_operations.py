@@ -22,7 +22,7 @@ from callora_credits import current_ledger
 from callora_credits.core.idempotency import CallCodec, IdempotencyScope
 from callora_credits.core.operations import CreateHold
 from callora_credits.db import store
-from callora_credits.db.models import Account, Hold, IdempotencyRecord, LedgerEntry
+from callora_credits.db.models import Account, HoldRow, IdempotencyRecord, LedgerEntry
 from callora_credits.errors import DuplicateReference, ValidationError
 
 U = 10_000_000
@@ -41,7 +41,7 @@ def _rows(app: Any, user_id: str) -> tuple[Any, int, int, int]:
             entries = conn.execute(
                 sa.select(count).where(LedgerEntry.user_id == user_id)
             ).scalar_one()
-            holds = conn.execute(sa.select(count).where(Hold.user_id == user_id)).scalar_one()
+            holds = conn.execute(sa.select(count).where(HoldRow.user_id == user_id)).scalar_one()
             keys = conn.execute(
                 sa.select(count).where(IdempotencyRecord.user_id == user_id)
             ).scalar_one()

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from conftest import ADMIN_SCOPE, SECRET, SERVICE_SCOPE, assert_error, make_token
 from flask import Flask
 
-from callora_credits.db.models import Account, Hold, LedgerEntry
+from callora_credits.db.models import Account, HoldRow, LedgerEntry
 
 BASE = "/api/billing/credits"
 BOTH = f"{ADMIN_SCOPE} {SERVICE_SCOPE}"
@@ -52,7 +52,7 @@ def snapshot(app: Flask, user_id: str) -> tuple[Any, ...]:
     """Everything the library stores about ``user_id``: balance, entries, holds."""
     with app.app_context():
         engine = app.extensions["sqlalchemy"].engine
-        a, e, h = Account.__table__, LedgerEntry.__table__, Hold.__table__
+        a, e, h = Account.__table__, LedgerEntry.__table__, HoldRow.__table__
         with engine.connect() as conn:
             balance = conn.execute(
                 sa.select(a.c.balance_units, a.c.last_seq).where(a.c.user_id == user_id)

@@ -108,7 +108,8 @@ class OutcomeCodec(Protocol):
 
 class CallCodec:
     """The Python API's stored outcomes: status 0 and the record's JSON, or
-    status 1 and the error's code, message and details.
+    status 1 and the error's code, message and details (a record never has
+    a ``code``).
 
     Python API keys live in their own scope, so no HTTP request ever replays
     one of these.
@@ -123,10 +124,10 @@ class CallCodec:
     def decode(self, op: Operation, status: int, body: bytes) -> Result | CreditsError:
         """The result or error a stored outcome describes."""
         data = json.loads(body)
-        if status != 0 and not 200 <= status < 300:
-            return error_for_code(data.get("code"), data.get("message"), data.get("details"))
         if data is None:
             return None
+        if status != 0 and "code" in data and "message" in data:
+            return error_for_code(data["code"], data["message"], data.get("details"))
         record: type[Record] = Hold if "captured_usdc" in data else Entry
         found = record.from_json(data)
         assert isinstance(found, Entry | Hold)

@@ -81,7 +81,11 @@ def reconcile(engine: Engine, user_id: str | None = None) -> ReconcileReport:
                 )
             if int(row.entries) != int(row.last_seq):
                 report.mismatches.append(
-                    Mismatch(row.user_id, f"{row.entries} entries but last_seq is {row.last_seq}")
+                    Mismatch(
+                        row.user_id,
+                        f"{row.entries} {'entry' if row.entries == 1 else 'entries'} "
+                        f"but last_seq is {row.last_seq}",
+                    )
                 )
         user, expected_seq, running = "", 0, 0
         for row in conn.execution_options(yield_per=2000).execute(chain):

@@ -30,7 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "Account",
     "Base",
-    "Hold",
+    "HoldRow",
     "IdempotencyRecord",
     "LedgerEntry",
     "metadata",
@@ -115,7 +115,7 @@ class LedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
 
 
-class Hold(Base):
+class HoldRow(Base):
     """A two-phase reservation against a user's balance."""
 
     __tablename__ = "credits_holds"
@@ -152,10 +152,10 @@ class Hold(Base):
 class IdempotencyRecord(Base):
     """A claimed Idempotency-Key and the response it produced.
 
-    ``key_hash`` is the SHA-256 of (caller, method, path, key): the scope of
-    SPEC §6 in a fixed-size primary key, which arbitrates concurrent claims.
+    ``key_hash`` is the SHA-256 of (caller, method, path, key): the key's
+    scope in a fixed-size primary key, which arbitrates concurrent claims.
     ``user_id`` is the target account, so the row shards with the money it
-    moved (SPEC §12).
+    moved.
     """
 
     __tablename__ = "credits_idempotency"

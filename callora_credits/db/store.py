@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
-from .models import Account, Hold, IdempotencyRecord, LedgerEntry, Timestamp
+from .models import Account, HoldRow, IdempotencyRecord, LedgerEntry, Timestamp
 from .prepared import PreparedStatement
 from .unit_of_work import RetryTransaction
 
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 accounts: Table = Account.__table__  # type: ignore[assignment]
-holds: Table = Hold.__table__  # type: ignore[assignment]
+holds: Table = HoldRow.__table__  # type: ignore[assignment]
 entries: Table = LedgerEntry.__table__  # type: ignore[assignment]
 idempotency: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
 
@@ -157,7 +157,7 @@ def insert_account_if_missing(conn: Connection, user_id: str, now: datetime) -> 
         # errors other than the duplicate key.
         stmt = mysql.insert(accounts).values(values)
         conn.execute(stmt.on_duplicate_key_update(user_id=stmt.inserted.user_id))
-    else:  # pragma: no cover - engines outside SPEC §9
+    else:  # pragma: no cover - engines the library does not support
         raise RuntimeError(f"callora_credits does not support the {dialect} dialect")
 
 

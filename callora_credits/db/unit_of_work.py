@@ -57,11 +57,6 @@ class Tx:
     attempt: int
     _after_commit: list[Callable[[], object]] = field(default_factory=list)
 
-    @property
-    def dialect(self) -> str:
-        """The engine's dialect name: ``sqlite``, ``postgresql`` or ``mysql``."""
-        return self.conn.dialect.name
-
     def after_commit(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` once the transaction has committed; never on rollback."""
         self._after_commit.append(callback)
@@ -106,7 +101,7 @@ def _retry_reason(exc: BaseException) -> str | None:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Whether running the same unit again may succeed (SPEC §9)."""
+    """Whether running the same unit again may succeed (a transient failure)."""
     return _retry_reason(exc) is not None
 
 

@@ -36,7 +36,7 @@ from .responses import error_body, new_request_id, sanitize_request_id, status_o
 
 __all__ = [
     "UNAUTHORIZED_CODES",
-    "Operation",
+    "Route",
     "Scope",
     "credits_bp",
     "error_codes",
@@ -113,7 +113,7 @@ def error_codes(errors: tuple[ErrorSpec, ...]) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Operation:
+class Route:
     """One documented route: what the OpenAPI document is built from.
 
     ``errors`` holds the codes the operation can answer with; their statuses
@@ -145,7 +145,7 @@ class Operation:
 
 
 #: Every route of the blueprint, in registration order.
-OPERATIONS: list[Operation] = []
+OPERATIONS: list[Route] = []
 # The /credits routes alone, to tell a 404 from a 405 in the catch-all.
 _CREDITS_MAP = Map()
 
@@ -174,7 +174,7 @@ def operation(
     def decorator(view: Callable[..., Response]) -> Callable[..., Response]:
         endpoint = view.__name__
         OPERATIONS.append(
-            Operation(
+            Route(
                 method=method,
                 rule=rule,
                 endpoint=endpoint,

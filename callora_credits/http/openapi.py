@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from ..config import CreditsConfig, config
-from .blueprint import OPERATIONS, Operation
+from .blueprint import OPERATIONS, Route
 from .schemas import ErrorOut
 
 __all__ = ["build_document"]
@@ -151,7 +151,7 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     return params
 
 
-def _scope_text(op: Operation, cfg: CreditsConfig) -> tuple[str, str]:
+def _scope_text(op: Route, cfg: CreditsConfig) -> tuple[str, str]:
     """The ``x-credits-scope`` value and the sentence saying who may call."""
     admin, service = cfg.admin_scope, cfg.service_scope
     if op.scope == "admin":
@@ -173,7 +173,7 @@ def _scope_text(op: Operation, cfg: CreditsConfig) -> tuple[str, str]:
     return "anyone", "No authentication."
 
 
-def _security(op: Operation, cfg: CreditsConfig) -> list[dict[str, list[str]]]:
+def _security(op: Route, cfg: CreditsConfig) -> list[dict[str, list[str]]]:
     # OpenAPI 3.1 lets a non-OAuth requirement list the roles it needs.
     if op.scope == "anyone":
         return []
@@ -184,7 +184,7 @@ def _security(op: Operation, cfg: CreditsConfig) -> list[dict[str, list[str]]]:
     return [{"bearerAuth": []}]
 
 
-def _meaning(code: str, op: Operation) -> str:
+def _meaning(code: str, op: Route) -> str:
     """What ``code`` means for ``op``: a few codes say which object or scope."""
     thing = "hold" if "<hold_id>" in op.rule else "ledger entry"
     if code == "FORBIDDEN" and op.scope == "self":
@@ -202,7 +202,7 @@ def _meaning(code: str, op: Operation) -> str:
     return ERROR_MEANINGS[code]
 
 
-def _error_response(status: int, codes: tuple[str, ...], op: Operation) -> dict[str, Any]:
+def _error_response(status: int, codes: tuple[str, ...], op: Route) -> dict[str, Any]:
     if len(codes) == 1:
         description = f"`{codes[0]}`: {_meaning(codes[0], op)}"
     else:
@@ -223,7 +223,7 @@ def _duration(seconds: int) -> str:
     return f"{seconds} s"
 
 
-def _operation(op: Operation, path_params: list[str], cfg: CreditsConfig) -> dict[str, Any]:
+def _operation(op: Route, path_params: list[str], cfg: CreditsConfig) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         for name in path_params

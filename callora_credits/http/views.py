@@ -1,24 +1,18 @@
-"""Thin HTTP views: parse with :mod:`.schemas`, call the ledger, serialize."""
+"""Thin HTTP views: read the request (:mod:`.requests`), call the ledger, serialize."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from datetime import timezone
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from flask import Response, request
-from pydantic import BaseModel
 
 from ..config import CreditsConfig, config
-from ..core.idempotency import IdempotencyScope, canonical_fingerprint, valid_key
-from ..core.money import AmountError, parse_amount
 from ..core.operations import (
     Adjust,
     Capture,
     Charge,
     CreateHold,
-    Operation,
     Refund,
     Release,
     TopUp,
@@ -41,9 +35,9 @@ from ..errors import (
     ValidationError,
 )
 from ..extension import ledger_for
-from .auth import Caller, authenticate
-from .blueprint import json_response, operation, register_routing_fallbacks, request_id
-from .responses import HttpCodec
+from .auth import Caller
+from .blueprint import json_response, operation, register_routing_fallbacks
+from .requests import NoQuery, identify, page_limit, parse_query, write_request
 from .schemas import (
     AdjustmentIn,
     BalanceOut,
@@ -62,7 +56,6 @@ from .schemas import (
     TransactionsQuery,
     balance_json,
     page_json,
-    parse_model,
 )
 
 __all__: list[str] = []
@@ -84,7 +77,6 @@ WRITE_ERRORS = (
 
 
 Owned = TypeVar("Owned", Entry, Hold)
-Op = TypeVar("Op", bound=Operation)
 
 
 def _visible(found: Owned | None, caller: Caller, cfg: CreditsConfig, missing: str) -> Owned:
@@ -93,173 +85,6 @@ def _visible(found: Owned | None, caller: Caller, cfg: CreditsConfig, missing: s
     if found is None or (found.user_id != caller.user_id and not caller.is_admin(cfg)):
         raise NotFound(missing)
     return found
-
-
-class _NoQuery(BaseModel):
-    model_config = {"extra": "forbid"}
-
-
-def _caller(cfg: CreditsConfig) -> Caller:
-    caller = authenticate(request.headers, cfg)
-    request.environ["callora_credits.user_id"] = caller.user_id
-    return caller
-
-
-def _query(model: type[BaseModel]) -> Any:
-    """Validate the query string; unknown and repeated keys are 400s."""
-    args = request.args
-    repeated = [key for key in args if len(args.getlist(key)) > 1]
-    if repeated:
-        raise ValidationError(
-            details=[
-                {"field": key, "message": "Give this parameter once", "code": "repeated"}
-                for key in repeated
-            ]
-        )
-    return parse_model(model, args.to_dict())
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _read_at_most(size: int) -> bytes:
-    """Read up to ``size`` bytes, looping over short reads; never more."""
-    stream = request.stream
-    chunks: list[bytes] = []
-    remaining = size
-    while remaining > 0:
-        chunk = stream.read(min(remaining, 65536))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-def _body(model: type[BaseModel], cfg: CreditsConfig) -> tuple[Any, dict[str, Any]]:
-    """Read at most CREDITS_MAX_BODY_BYTES, parse strict JSON, validate.
-
-    Returns the model and the parsed object (whose canonical form is the
-    idempotency fingerprint). An empty body is an empty object.
-    """
-    limit = cfg.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The body may be at most {limit} bytes")
-    raw = _read_at_most(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"The body may be at most {limit} bytes")
-    if not raw.strip():
-        data: Any = {}
-    else:
-        try:
-            # Strict UTF-8 (json.loads would guess UTF-16 or UTF-32 from bytes
-            # and let lone surrogates through), then no lone surrogate escape.
-            data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except (ValueError, RecursionError):
-            raise ValidationError(
-                "Request body must be a JSON object in UTF-8",
-                details=[
-                    {"field": "body", "message": "Send a JSON object in UTF-8", "code": "json"}
-                ],
-            ) from None
-    if not isinstance(data, dict):
-        raise ValidationError(
-            "Request body must be a JSON object",
-            details=[{"field": "body", "message": "Send a JSON object", "code": "json"}],
-        )
-    return parse_model(model, data), data
-
-
-def _amount(
-    value: Any,
-    cfg: CreditsConfig,
-    *,
-    field: str = "amount_usdc",
-    signed: bool = False,
-    allow_zero: bool = False,
-) -> int:
-    try:
-        return parse_amount(
-            value, max_units=cfg.max_amount_units, signed=signed, allow_zero=allow_zero
-        )
-    except AmountError as exc:
-        raise ValidationError(
-            details=[{"field": field, "message": str(exc), "code": exc.reason}]
-        ) from None
-
-
-def _idempotency_key() -> str:
-    key = request.headers.get("Idempotency-Key")
-    if key is None or key == "":
-        raise IdempotencyKeyRequired()
-    if not valid_key(key):
-        raise ValidationError(
-            details=[
-                {
-                    "field": "Idempotency-Key",
-                    "message": "Use 1-255 printable ASCII characters",
-                    "code": "idempotency_key",
-                }
-            ]
-        )
-    return key
-
-
-@dataclass(frozen=True)
-class _WriteRequest:
-    """A money-moving request that passed auth, scope, key and body checks."""
-
-    cfg: CreditsConfig
-    caller: Caller
-    key: str
-    body: Any
-    data: dict[str, Any]
-
-    def build(
-        self, kind: type[Op], *, signed: bool = False, allow_zero: bool = False, **path: str
-    ) -> Op:
-        """The operation the body asks for: its fields are the body's (the
-        amount in units), the path's ids and the caller as actor."""
-        declared = type(self.body).model_fields
-        fields = {name: getattr(self.body, name) for name in declared}
-        if "amount_usdc" in fields:
-            amount = fields.pop("amount_usdc")
-            # An optional amount left out means "the default"; a required one
-            # sent as null is refused by the parser.
-            if amount is not None or declared["amount_usdc"].is_required():
-                units = _amount(amount, self.cfg, signed=signed, allow_zero=allow_zero)
-                fields["amount_units"] = units
-        return kind(limits=self.cfg, actor_id=self.caller.user_id, **fields, **path)
-
-    def run(self, operation: Operation) -> Response:
-        """Run the operation once per key; replay a stored outcome byte for byte."""
-        scope = IdempotencyScope(
-            actor_id=self.caller.user_id,
-            method=request.method,
-            path=request.path,
-            key=self.key,
-            fingerprint=canonical_fingerprint(self.data),
-        )
-        outcome = ledger_for(self.cfg).execute(operation, scope, HttpCodec(request_id()))
-        response = Response(outcome.body, status=outcome.status, mimetype="application/json")
-        if outcome.replayed:
-            response.headers["Idempotent-Replayed"] = "true"
-        return response
-
-
-def _write_request(model: type[BaseModel], *, admin: bool) -> _WriteRequest:
-    """Checks in SPEC order: identity (401), scope (403), key and body (400)."""
-    cfg = config()
-    caller = _caller(cfg)
-    if admin:
-        caller.require_admin(cfg)
-    else:
-        caller.require_service(cfg)
-    key = _idempotency_key()
-    body, data = _body(model, cfg)
-    return _WriteRequest(cfg, caller, key, body, data)
 
 
 @operation(
@@ -280,8 +105,8 @@ def get_balance() -> Response:
     A user with no balance yet gets a zero balance, created on this read.
     """
     cfg = config()
-    caller = _caller(cfg)
-    query: BalanceQuery = _query(BalanceQuery)
+    caller = identify(cfg)
+    query: BalanceQuery = parse_query(BalanceQuery)
     user_id = caller.target_user(query.user_id, cfg)
     balance = ledger_for(cfg).get_or_create_by_user_id(user_id)
     return json_response(balance_json(balance))
@@ -306,7 +131,7 @@ def top_up() -> Response:
     ``reference`` (an external payment id) credits at most once per user,
     even under different idempotency keys.
     """
-    req = _write_request(TopUpIn, admin=True)
+    req = write_request(TopUpIn, admin=True)
     return req.run(req.build(TopUp))
 
 
@@ -325,7 +150,7 @@ def top_up() -> Response:
 )
 def adjust() -> Response:
     """A signed correction (chargeback, fix); never takes the balance below zero."""
-    req = _write_request(AdjustmentIn, admin=True)
+    req = write_request(AdjustmentIn, admin=True)
     return req.run(req.build(Adjust, signed=True))
 
 
@@ -343,7 +168,7 @@ def adjust() -> Response:
 )
 def charge() -> Response:
     """Debit a user's available balance; 402 when it does not cover the amount."""
-    req = _write_request(ChargeIn, admin=False)
+    req = write_request(ChargeIn, admin=False)
     return req.run(req.build(Charge))
 
 
@@ -367,7 +192,7 @@ def charge() -> Response:
 )
 def refund(transaction_id: str) -> Response:
     """Give back all or part of a ``charge`` or ``hold_capture`` entry."""
-    req = _write_request(RefundIn, admin=True)
+    req = write_request(RefundIn, admin=True)
     return req.run(req.build(Refund, transaction_id=transaction_id))
 
 
@@ -385,8 +210,8 @@ def refund(transaction_id: str) -> Response:
 def list_transactions() -> Response:
     """The caller's history, newest first, cursor-paginated."""
     cfg = config()
-    caller = _caller(cfg)
-    query: TransactionsQuery = _query(TransactionsQuery)
+    caller = identify(cfg)
+    query: TransactionsQuery = parse_query(TransactionsQuery)
     user_id = caller.target_user(query.user_id, cfg)
     for name in ("since", "until"):
         value = getattr(query, name)
@@ -399,7 +224,7 @@ def list_transactions() -> Response:
                 ) from None
     page = ledger_for(cfg).history(
         user_id,
-        limit=_limit(query.limit, cfg),
+        limit=page_limit(query.limit, cfg),
         cursor=query.cursor,
         type=query.type,
         since=query.since,
@@ -420,29 +245,10 @@ def list_transactions() -> Response:
 def get_transaction(transaction_id: str) -> Response:
     """One entry; another user's entry is a 404, so ids cannot be probed."""
     cfg = config()
-    caller = _caller(cfg)
-    _query(_NoQuery)
+    caller = identify(cfg)
+    parse_query(NoQuery)
     entry = ledger_for(cfg).get_entry(transaction_id)
     return json_response(_visible(entry, caller, cfg, "No such transaction").as_json())
-
-
-DEFAULT_PAGE_SIZE = 20
-
-
-def _limit(limit: int | None, cfg: CreditsConfig) -> int:
-    if limit is None:
-        return min(DEFAULT_PAGE_SIZE, cfg.page_size_max)
-    if limit > cfg.page_size_max:
-        raise ValidationError(
-            details=[
-                {
-                    "field": "limit",
-                    "message": f"limit must be 1 to {cfg.page_size_max}",
-                    "code": "less_than_equal",
-                }
-            ]
-        )
-    return limit
 
 
 @operation(
@@ -459,7 +265,7 @@ def _limit(limit: int | None, cfg: CreditsConfig) -> int:
 )
 def create_hold() -> Response:
     """Reserve part of a user's available balance (two-phase charge, step one)."""
-    req = _write_request(HoldIn, admin=False)
+    req = write_request(HoldIn, admin=False)
     return req.run(req.build(CreateHold))
 
 
@@ -476,11 +282,11 @@ def create_hold() -> Response:
 def list_holds() -> Response:
     """The caller's pending, unexpired holds, newest first, cursor-paginated."""
     cfg = config()
-    caller = _caller(cfg)
-    query: HoldsQuery = _query(HoldsQuery)
+    caller = identify(cfg)
+    query: HoldsQuery = parse_query(HoldsQuery)
     user_id = caller.target_user(query.user_id, cfg)
     page = ledger_for(cfg).pending_holds(
-        user_id, limit=_limit(query.limit, cfg), cursor=query.cursor
+        user_id, limit=page_limit(query.limit, cfg), cursor=query.cursor
     )
     return json_response(page_json(page))
 
@@ -498,8 +304,8 @@ def list_holds() -> Response:
 def get_hold(hold_id: str) -> Response:
     """One hold; another user's hold is a 404, so ids cannot be probed."""
     cfg = config()
-    caller = _caller(cfg)
-    _query(_NoQuery)
+    caller = identify(cfg)
+    parse_query(NoQuery)
     hold = ledger_for(cfg).get_hold(hold_id)
     return json_response(_visible(hold, caller, cfg, "No such hold").as_json())
 
@@ -517,7 +323,7 @@ def get_hold(hold_id: str) -> Response:
 )
 def capture_hold(hold_id: str) -> Response:
     """Spend up to the held amount (default: all); the rest is released."""
-    req = _write_request(CaptureIn, admin=False)
+    req = write_request(CaptureIn, admin=False)
     return req.run(req.build(Capture, allow_zero=True, hold_id=hold_id))
 
 
@@ -533,7 +339,7 @@ def capture_hold(hold_id: str) -> Response:
 )
 def release_hold(hold_id: str) -> Response:
     """Give the whole reservation back."""
-    req = _write_request(ReleaseIn, admin=False)
+    req = write_request(ReleaseIn, admin=False)
     return req.run(req.build(Release, hold_id=hold_id))
 
 
@@ -548,7 +354,7 @@ def release_hold(hold_id: str) -> Response:
 )
 def openapi_document() -> Response:
     """The OpenAPI 3.1 document of every route of the blueprint."""
-    _query(_NoQuery)
+    parse_query(NoQuery)
     from .openapi import build_document
 
     prefix = request.path[: -len("/openapi.json")]
