@@ -15,7 +15,7 @@ hold lifetimes) are passed as ``limits``: any object with the attributes of
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeGuard
 
 from ..errors import NotFound, ValidationError
 from .money import format_units
@@ -33,6 +33,7 @@ __all__ = [
     "TopUp",
     "check_identity",
     "possible_id",
+    "valid_identity",
 ]
 
 MAX_IDENTITY_LENGTH = 128
@@ -75,13 +76,14 @@ def _printable(value: str) -> bool:
     return value.isprintable() and not value.isspace() and _storable_text(value)
 
 
-def check_identity(field_name: str, value: object) -> str:
+def valid_identity(value: object) -> TypeGuard[str]:
     """A user or actor id: 1-128 printable characters, not all blank."""
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_IDENTITY_LENGTH:
-        raise ValidationError.on(
-            field_name, "Use a string of 1-128 printable characters", "identity"
-        )
-    if not _printable(value):
+    return isinstance(value, str) and 0 < len(value) <= MAX_IDENTITY_LENGTH and _printable(value)
+
+
+def check_identity(field_name: str, value: object) -> str:
+    """``value`` if it is a valid identity; else a ``ValidationError`` on ``field_name``."""
+    if not valid_identity(value):
         raise ValidationError.on(
             field_name, "Use a string of 1-128 printable characters", "identity"
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeGuard
+from typing import Any, Literal
 
 from flask import current_app, request
 from flask_jwt_extended import get_jwt_identity, verify_jwt_in_request
@@ -34,12 +34,12 @@ from jwt.exceptions import (
 from werkzeug.datastructures import Headers
 
 from ..config import CreditsConfig, config
+from ..core.operations import valid_identity
 from ..errors import Forbidden, Unauthorized
 
 __all__ = ["Caller", "authenticate", "current_caller", "scope_required", "valid_identity"]
 
 USER_ID_HEADER = "X-User-Id"
-MAX_IDENTITY_LENGTH = 128
 _JWT_EXTENSION = "flask-jwt-extended"
 
 
@@ -82,16 +82,6 @@ class Caller:
         if not self.is_admin(cfg):
             raise scope_required(cfg.admin_scope, "Reading another user's data")
         return requested
-
-
-def valid_identity(value: object) -> TypeGuard[str]:
-    """1-128 printable characters, not all blank."""
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= MAX_IDENTITY_LENGTH
-        and value.isprintable()
-        and not value.isspace()
-    )
 
 
 def _scopes(claims: Mapping[str, Any], claim: str) -> frozenset[str]:
