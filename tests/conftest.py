@@ -235,3 +235,23 @@ def host(databases: Databases, engine_name: str) -> Iterator[Callable[..., Flask
     for app in apps:
         with app.app_context():
             app.extensions["sqlalchemy"].engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def rsa_keys() -> tuple[str, str]:
+    """An RSA key pair (private and public PEM) for RS256 tokens."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public_pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private_pem, public_pem

@@ -75,25 +75,6 @@ def hs256(user: Any, secret: str = SECRET, **extra: Any) -> str:
     return jwt.encode(claims(user, **extra), secret, algorithm="HS256")
 
 
-@pytest.fixture(scope="module")
-def rsa_keys() -> tuple[str, str]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public_pem = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private_pem, public_pem
-
-
 # --- the table -------------------------------------------------------------------------
 
 
