@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from flask import Flask
 from sqlalchemy import event, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 
 from callora_credits import current_ledger
 from callora_credits.db import models, store
@@ -299,21 +299,29 @@ class Interrupt(BaseException):
     """Like gevent's ``Timeout`` or ``GreenletExit``: not an ``Exception``."""
 
 
-class InterruptingCursor:
-    """A DBAPI cursor that is interrupted inside ``execute`` (after sending) or ``fetchone``."""
+class FailingCursor:
+    """A DBAPI cursor that fails inside ``execute`` or ``fetchone``.
 
-    def __init__(self, cursor: Any, during: str) -> None:
+    ``interrupt-execute`` raises :class:`Interrupt` after the statement ran,
+    ``interrupt-fetch`` instead of fetching; ``lost`` closes the connection
+    under the cursor first, so the driver raises its own error.
+    """
+
+    def __init__(self, cursor: Any, connection: Any, failure: str) -> None:
         self._cursor = cursor
-        self._during = during
+        self._connection = connection
+        self._failure = failure
 
     def execute(self, *args: Any) -> Any:
+        if self._failure == "lost":
+            self._connection.close()
         result = self._cursor.execute(*args)
-        if self._during == "execute":
+        if self._failure == "interrupt-execute":
             raise Interrupt()
         return result
 
     def fetchone(self) -> Any:
-        if self._during == "fetch":
+        if self._failure == "interrupt-fetch":
             raise Interrupt()
         return self._cursor.fetchone()
 
@@ -321,14 +329,15 @@ class InterruptingCursor:
         return getattr(self._cursor, name)
 
 
-class InterruptingConnection:
-    """A DBAPI connection whose cursors are :class:`InterruptingCursor`."""
+class FailingConnection:
+    """A DBAPI connection whose cursors are :class:`FailingCursor`."""
 
-    def __init__(self, connection: Any, during: str) -> None:
-        self.__dict__.update(_connection=connection, _during=during)
+    def __init__(self, connection: Any, failure: str) -> None:
+        self.__dict__.update(_connection=connection, _failure=failure)
 
-    def cursor(self, *args: Any, **kwargs: Any) -> InterruptingCursor:
-        return InterruptingCursor(self._connection.cursor(*args, **kwargs), self._during)
+    def cursor(self, *args: Any, **kwargs: Any) -> FailingCursor:
+        cursor = self._connection.cursor(*args, **kwargs)
+        return FailingCursor(cursor, self._connection, self._failure)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._connection, name)
@@ -337,23 +346,30 @@ class InterruptingConnection:
         setattr(self._connection, name, value)
 
 
+def read_failing(via: str, failure: str, user_id: str) -> Callable[[Connection], Any]:
+    """A balance read on ``conn`` whose cursor fails with ``failure``."""
+
+    def read(conn: Connection) -> Any:
+        fairy = conn.connection
+        fairy.dbapi_connection = FailingConnection(fairy.dbapi_connection, failure)
+        if via == "library":
+            return store.balance_row(conn, user_id, NOW)
+        params = {"p_user_id": user_id, "p_now": NOW}
+        return conn.execute(store._BALANCE_ROW.clause, params).first()
+
+    return read
+
+
 @pytest.mark.parametrize("during", ["execute", "fetch"])
 @pytest.mark.parametrize("via", ["library", "Connection.execute"])
 def test_an_interrupt_invalidates_the_connection(host, via, during, user_id):
     engine = engine_of(host(SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 1, "max_overflow": 0}))
-    params = {"p_user_id": user_id, "p_now": NOW}
     with engine.connect() as conn:
         dbapi_connection = conn.connection.dbapi_connection
 
-    def read(conn: Connection) -> object:
-        fairy = conn.connection
-        assert fairy.dbapi_connection is dbapi_connection  # the pool's only one
-        fairy.dbapi_connection = InterruptingConnection(dbapi_connection, during)
-        if via == "library":
-            return store.balance_row(conn, user_id, NOW)
-        return conn.execute(store._BALANCE_ROW.clause, params).first()
-
+    read = read_failing(via, f"interrupt-{during}", user_id)
     with engine.connect() as conn:
+        assert conn.connection.dbapi_connection is dbapi_connection  # the pool's only one
         with pytest.raises(Interrupt), conn.begin():
             read(conn)
         assert conn.invalidated
@@ -361,6 +377,28 @@ def test_an_interrupt_invalidates_the_connection(host, via, during, user_id):
     with engine.connect() as conn:
         assert conn.connection.dbapi_connection is not dbapi_connection
         assert store.balance_row(conn, user_id, NOW) is None
+
+
+@pytest.mark.parametrize("via", ["library", "Connection.execute"])
+def test_a_lost_connection_is_invalidated_with_the_pool(host, via, user_id):
+    engine = engine_of(host(SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 2, "max_overflow": 0}))
+    with engine.connect() as idle, engine.connect() as conn:
+        idle_dbapi_connection = idle.connection.dbapi_connection
+        lost_dbapi_connection = conn.connection.dbapi_connection
+    assert idle_dbapi_connection is not lost_dbapi_connection
+
+    with engine.connect() as conn:
+        if conn.connection.dbapi_connection is not lost_dbapi_connection:
+            pytest.fail("the pool handed out the other connection first")
+        with pytest.raises(DBAPIError) as raised, conn.begin():
+            read_failing(via, "lost", user_id)(conn)
+        assert raised.value.connection_invalidated
+        assert conn.invalidated
+    # As SQLAlchemy does on a disconnect: the pool's older connections are
+    # replaced at their next checkout, since the server may have gone away.
+    with engine.connect() as first, engine.connect() as second:
+        handed_out = {first.connection.dbapi_connection, second.connection.dbapi_connection}
+    assert not handed_out & {idle_dbapi_connection, lost_dbapi_connection}
 
 
 # --- errors -------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ Anything raised while the cursor is created, executes or fetches goes to the
 connection's own error handling, the one ``Connection.execute`` uses: a
 database error comes out as the same ``DBAPIError`` subclass showing the same
 statement and parameters (hidden under ``hide_parameters``), a lost
-connection is invalidated along with the pool's other connections, and an
-exit exception (``KeyboardInterrupt``, gevent's ``Timeout``,
+connection is invalidated (and the pool's others replaced at their next
+checkout), and an exit exception (``KeyboardInterrupt``, gevent's ``Timeout``,
 ``GreenletExit``: anything not an ``Exception``) invalidates the connection
 rather than return it to the pool in an unknown state.
 """
