@@ -6,6 +6,9 @@ from the environment. Served by gunicorn with ``app:create_app()``.
 - ``BENCH_DATABASE_URL``: SQLAlchemy URL (``postgresql+psycopg://…``)
 - ``BENCH_JWT_SECRET``: the HS256 key tokens are signed with
 - ``BENCH_POOL_SIZE``: connections per process (default 4)
+- ``BENCH_FAST_PATH=off``: the library's hot statements go through
+  ``Connection.execute`` instead of the DBAPI cursor (what the cursor call
+  saves; see docs/decisions.md)
 """
 
 from __future__ import annotations
@@ -21,8 +24,18 @@ from callora_credits import credits_bp
 DEFAULT_SECRET = "bench-secret-key-long-enough-for-hs256"
 
 
+def fast_path() -> bool:
+    """Whether hot statements use the DBAPI cursor (``BENCH_FAST_PATH``, default on)."""
+    return os.environ.get("BENCH_FAST_PATH", "on") != "off"
+
+
 def create_app(database_url: str | None = None, pool_size: int | None = None) -> Flask:
     """The host app; arguments override the environment (used in process)."""
+    if not fast_path():
+        from callora_credits.db import prepared
+
+        # As if Connection.execute would do more than the cursor call, always.
+        prepared._plain = lambda conn, neutral: False  # type: ignore[assignment]
     url = database_url or os.environ["BENCH_DATABASE_URL"]
     size = pool_size or int(os.environ.get("BENCH_POOL_SIZE", "4"))
     app = Flask("callora_bench_host")
