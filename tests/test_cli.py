@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 from conftest import Databases, make_app
+from invariants import ledger_problems
 
 from callora_credits import current_ledger
 from callora_credits.db.models import Account
@@ -39,6 +40,7 @@ def test_reconcile_reports_a_tampered_balance(app, user_id):
         ledger.top_up(user_id, 50)
         ledger.charge(user_id, 20)
         assert ledger.reconcile(user_id).ok
+        assert ledger_problems(ledger.engine, user_id) == []
     clean = runner.invoke(args=["credits", "reconcile", "--user", user_id])
     assert clean.exit_code == 0, clean.output
     with app.app_context():
@@ -49,6 +51,7 @@ def test_reconcile_reports_a_tampered_balance(app, user_id):
         report = current_ledger().reconcile(user_id)
         assert not report.ok
         assert {m.user_id for m in report.mismatches} == {user_id}
+        assert ledger_problems(engine, user_id) == ["balance 31 != SUM(amount_units) 30"]
         dirty = runner.invoke(args=["credits", "reconcile", "--user", user_id])
         assert dirty.exit_code == 1
         assert user_id in dirty.output
