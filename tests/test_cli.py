@@ -22,7 +22,7 @@ def test_topup_balance_history(app, user_id):
     assert result.exit_code == 0, result.output
     assert "+12.5000000" in result.output
     again = runner.invoke(args=["credits", "topup", user_id, "1", "--reference", "r1"])
-    assert again.exit_code != 0
+    assert again.exit_code == 1
     assert "reference" in again.output.lower()
     balance = runner.invoke(args=["credits", "balance", user_id])
     assert "balance 12.5000000" in balance.output
@@ -30,7 +30,8 @@ def test_topup_balance_history(app, user_id):
     assert "topup" in history.output
     assert "r1" in history.output
     bad = runner.invoke(args=["credits", "topup", user_id, "1.123456789"])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 1
+    assert "balance 12.5000000" in runner.invoke(args=["credits", "balance", user_id]).output
 
 
 def test_reconcile_reports_a_tampered_balance(app, user_id):
