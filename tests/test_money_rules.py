@@ -132,7 +132,7 @@ def post(client: Any, path: str, body: Any, headers: dict[str, str], **extra: st
     return client.post(f"{BASE}{path}", json=body, headers={**headers, **extra})
 
 
-# --- 1 and 8. Only debits are refundable ------------------------------------------------
+# --- Only debits are refundable ------------------------------------------------
 
 
 def every_kind_of_entry(app: Flask, user_id: str) -> dict[str, str]:
@@ -239,7 +239,7 @@ def test_charges_and_captures_are_refundable_in_python(app, user_id):
     exact(app, user_id)
 
 
-# --- 2. A negative adjustment respects pending holds ---------------------------------
+# --- A negative adjustment respects pending holds ---------------------------------
 
 
 def test_negative_adjustment_over_http_cannot_eat_into_holds(app, client, admin, service, user_id):
@@ -338,7 +338,7 @@ def test_racing_holds_and_negative_adjustments_spend_the_balance_once(app, user_
     exact(app, user_id)
 
 
-# --- 3. An idempotency key is scoped to its path ----------------------------------------
+# --- An idempotency key is scoped to its path ----------------------------------------
 
 
 def test_same_key_on_two_holds_captures_both_over_http(app, client, service, user_id):
@@ -418,7 +418,7 @@ def test_same_key_on_two_python_operations_is_two_keys(app, user_id):
     exact(app, user_id)
 
 
-# --- 4. Only live holds are listed ----------------------------------------------------
+# --- Only live holds are listed ----------------------------------------------------
 
 
 def test_hold_list_leaves_out_expired_and_resolved_holds(app, client, auth, clock, user_id):
@@ -460,7 +460,7 @@ def test_hold_list_leaves_out_expired_and_resolved_holds(app, client, auth, cloc
     exact(app, user_id, clock.now)
 
 
-# --- 5. prune deletes expired keys only ---------------------------------------------------
+# --- prune deletes expired keys only ---------------------------------------------------
 
 
 def test_prune_keeps_live_keys_so_a_retry_still_replays(app, client, admin, service, user_id):
@@ -506,7 +506,7 @@ def test_prune_keeps_live_keys_so_a_retry_still_replays(app, client, admin, serv
     assert account_problems(snap) == []
 
 
-# --- 6. reconcile checks every chain, and is not the only judge --------------------------
+# --- reconcile checks every chain, and is not the only judge --------------------------
 
 
 def _set_entry(app: Flask, entry_id: str, **values: int) -> None:
@@ -568,14 +568,13 @@ def test_reconcile_catches_a_gap_in_seq(app, user_id):
     exact(app, user_id)
 
 
-# --- 7. A capture carries the hold's metadata -------------------------------------------
+# --- A capture carries the hold's metadata -------------------------------------------
 
 
 def test_capture_entry_carries_the_hold_metadata_over_http(app, client, auth, service, user_id):
     with app.app_context():
         current_ledger().top_up(user_id, 10 * U)
     tags = {"job": "render-42", "region": "eu-1"}
-    captured = []
     for body, metadata in (({"amount_usdc": "1"}, tags), ({}, {"job": "other"}), ({}, {})):
         asked = {"user_id": user_id, "amount_usdc": "2", "metadata": metadata}
         hold = post(client, "/holds", asked, service, **key())
@@ -587,7 +586,6 @@ def test_capture_entry_carries_the_hold_metadata_over_http(app, client, auth, se
         assert (entry["type"], entry["hold_id"], entry["metadata"]) == (
             "hold_capture", hold.json["id"], metadata,
         )  # fmt: skip
-        captured.append(entry["id"])
     history = client.get(f"{BASE}/transactions?type=hold_capture", headers=auth(user_id)).json
     assert [e["metadata"] for e in history["data"]] == [{}, {"job": "other"}, tags]
     exact(app, user_id)  # the raw checker compares each capture with its hold
@@ -609,7 +607,7 @@ def test_capture_entry_carries_the_hold_metadata_in_python(app, user_id):
     exact(app, user_id)
 
 
-# --- 9. Every stored outcome replays, byte for byte ---------------------------------------
+# --- Every stored outcome replays, byte for byte ---------------------------------------
 
 
 def send_twice(
