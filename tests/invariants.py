@@ -1,5 +1,8 @@
 """Reusable checks that one account's ledger is exact, and that the HTTP
-answers a test collected agree with it (SPEC §5, §6, §9).
+answers a test collected agree with it and with what was asked.
+
+They read the raw tables and share no code with ``Ledger.reconcile()``, so a
+test that trusts them does not trust the library to judge itself.
 
 Every check returns a list of problems (empty when all is well), so a test can
 report all of them at once instead of stopping at the first.
@@ -10,19 +13,23 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from callora_credits.core.records import Entry
-from callora_credits.db.models import Account, IdempotencyRecord, LedgerEntry
+from callora_credits.db.models import Account, HoldRow, IdempotencyRecord, LedgerEntry
 
 __all__ = [
     "Reply",
     "Snapshot",
     "account_problems",
+    "asked_problems",
+    "holds_problems",
+    "ledger_problems",
     "replies_problems",
     "snapshot",
 ]
@@ -40,6 +47,9 @@ class Reply:
     body: bytes
     replayed: bool
     worker: str
+    #: The JSON body sent; ``None`` when the test did not keep it (then the
+    #: answer is not compared with what was asked).
+    sent: dict[str, Any] | None = None
 
     @property
     def json(self) -> Any:
@@ -58,6 +68,7 @@ class Snapshot:
     accounts: list[Any]
     entries: list[Any]
     idempotency_keys: int
+    holds: list[Any] = field(default_factory=list)
 
     @property
     def balance_units(self) -> int | None:
@@ -66,6 +77,7 @@ class Snapshot:
 
 def snapshot(engine: Engine, user_id: str) -> Snapshot:
     a, t, k = Account.__table__, LedgerEntry.__table__, IdempotencyRecord.__table__
+    h = HoldRow.__table__
     with engine.connect() as conn, conn.begin():
         accounts = list(conn.execute(sa.select(a).where(a.c.user_id == user_id)).all())
         entries = list(
@@ -74,7 +86,82 @@ def snapshot(engine: Engine, user_id: str) -> Snapshot:
         keys = conn.execute(
             sa.select(sa.func.count()).select_from(k).where(k.c.user_id == user_id)
         ).scalar_one()
-    return Snapshot(accounts, entries, int(keys))
+        holds = list(
+            conn.execute(sa.select(h).where(h.c.user_id == user_id).order_by(h.c.created_at)).all()
+        )
+    return Snapshot(accounts, entries, int(keys), holds)
+
+
+def _utc_naive(now: datetime | None) -> datetime:
+    if now is None:
+        now = datetime.now(timezone.utc)
+    return now.astimezone(timezone.utc).replace(tzinfo=None) if now.tzinfo else now
+
+
+def ledger_problems(engine: Engine, user_id: str, now: datetime | None = None) -> list[str]:
+    """:func:`account_problems` and :func:`holds_problems` of a fresh snapshot.
+
+    ``now`` is the instant holds are judged live at: the library's clock
+    (a test that moves it passes it here); default the real time.
+    """
+    snap = snapshot(engine, user_id)
+    return account_problems(snap) + holds_problems(snap, now)
+
+
+def holds_problems(snap: Snapshot, now: datetime | None = None) -> list[str]:
+    """Every hold agrees with the ledger: a captured hold names exactly one
+    ``hold_capture`` entry of its amount and metadata, no other hold names an
+    entry, every ``hold_capture`` entry belongs to one captured hold, and the
+    holds live at ``now`` reserve no more than the balance."""
+    problems: list[str] = []
+    at = _utc_naive(now)
+    by_id = {e.id: e for e in snap.entries}
+    captures = {e.id: e for e in snap.entries if e.type == "hold_capture"}
+    claimed: Counter[str] = Counter()
+    for hold in snap.holds:
+        amount, captured = int(hold.amount_units), int(hold.captured_units)
+        if not 0 <= captured <= amount:
+            problems.append(f"hold {hold.id}: captured {captured} outside 0..{amount}")
+        if (hold.status == "pending") != (hold.resolved_at is None):
+            problems.append(f"hold {hold.id}: {hold.status} with resolved_at {hold.resolved_at}")
+        if hold.status != "captured":
+            if captured != 0 or hold.transaction_id is not None:
+                problems.append(
+                    f"hold {hold.id}: {hold.status} but captured {captured}, "
+                    f"transaction {hold.transaction_id}"
+                )
+            continue
+        entry = by_id.get(hold.transaction_id)
+        if captured == 0 or entry is None or entry.type != "hold_capture":
+            problems.append(
+                f"hold {hold.id}: captured {captured} but its transaction "
+                f"{hold.transaction_id} is not a hold_capture entry of the user"
+            )
+            continue
+        claimed[entry.id] += 1
+        if entry.hold_id != hold.id or int(entry.amount_units) != -captured:
+            problems.append(
+                f"hold {hold.id} captured {captured}: its entry {entry.id} says hold "
+                f"{entry.hold_id}, amount {entry.amount_units}"
+            )
+        if json.loads(entry.metadata_json) != json.loads(hold.metadata_json):
+            problems.append(
+                f"hold {hold.id}: metadata {hold.metadata_json} but its capture entry "
+                f"carries {entry.metadata_json}"
+            )
+    for entry_id, entry in captures.items():
+        if claimed[entry_id] != 1:
+            problems.append(
+                f"hold_capture {entry_id} (hold {entry.hold_id}) is the transaction of "
+                f"{claimed[entry_id]} captured holds, expected 1"
+            )
+    live = sum(
+        int(h.amount_units) for h in snap.holds if h.status == "pending" and h.expires_at > at
+    )
+    balance = snap.balance_units
+    if balance is not None and live > balance:
+        problems.append(f"live holds reserve {live} of a balance of {balance}")
+    return problems
 
 
 def account_problems(snap: Snapshot) -> list[str]:
@@ -212,19 +299,35 @@ def replies_problems(
         row = by_id.get(entry_id)
         if row is None:
             continue
-        sent = next(r.json for r in by_key[key] if r.status == 201)
+        answer = next(r.json for r in by_key[key] if r.status == 201)
         stored = Entry.from_row(row).as_json()
         diff = sorted(
-            f for f in stored if f != "refunded_usdc" and stored[f] != sent.get(f, "<absent>")
+            f for f in stored if f != "refunded_usdc" and stored[f] != answer.get(f, "<absent>")
         )
         if diff:
             mismatched.append(
                 f"{entry_id} ({stored['type']}): "
-                + ", ".join(f"{f} answered {sent.get(f)!r} stored {stored[f]!r}" for f in diff)
+                + ", ".join(f"{f} answered {answer.get(f)!r} stored {stored[f]!r}" for f in diff)
             )
     if mismatched:
         problems.append(
             f"{len(mismatched)} 201 bodies differ from the stored entry, e.g. {mismatched[:2]}"
+        )
+    # An answer that agrees with the row proves nothing if both are not what
+    # was asked (two requests' amounts or metadata swapped, a sign flipped).
+    not_asked: list[str] = []
+    for key, entry_id in created.items():
+        row = by_id.get(entry_id)
+        asked = next((r for r in by_key[key] if r.sent is not None), None)
+        if row is None or asked is None or asked.sent is None:
+            continue
+        not_asked += [
+            f"key {key} {asked.path}: {problem}"
+            for problem in asked_problems(row, asked.path, asked.sent, by_id)
+        ]
+    if not_asked:
+        problems.append(
+            f"{len(not_asked)} entries are not what their request asked, e.g. {not_asked[:3]}"
         )
     if snap.idempotency_keys != settled_keys:
         problems.append(
@@ -232,3 +335,67 @@ def replies_problems(
             f"{settled_keys} keys got a stored outcome"
         )
     return problems
+
+
+def _units_of(text: str) -> int:
+    sign = -1 if text.startswith("-") else 1
+    whole, _, fraction = text.lstrip("-").partition(".")
+    return sign * (int(whole) * 10**7 + int(fraction.ljust(7, "0")))
+
+
+#: The entry each money-moving path writes, and the sign of its amount.
+_WRITES = {"topup": ("topup", 1), "charge": ("charge", -1), "adjustments": ("adjustment", 1)}
+
+
+def asked_problems(row: Any, path: str, sent: dict[str, Any], by_id: dict[str, Any]) -> list[str]:
+    """How the ledger row ``row`` differs from what the POST of ``sent`` to
+    ``path`` (``/topup``, ``/charge``, ``/adjustments`` or
+    ``/transactions/<id>/refund``, under any prefix) asked for: its type,
+    user, amount, texts, metadata and links. ``by_id``: the user's entries."""
+    parts = path.rstrip("/").split("/")
+    expected: dict[str, Any] = {"hold_id": None, "metadata": sent.get("metadata") or {}}
+    amount_text = sent.get("amount_usdc")
+    if parts[-1] == "refund":
+        target = by_id.get(parts[-2])
+        if target is None:
+            return [f"refund_of {parts[-2]} is not an entry of the user"]
+        expected.update(
+            type="refund",
+            user_id=target.user_id,
+            refund_of=target.id,
+            reference=None,
+            description=sent.get("reason"),
+        )
+        if amount_text is None:
+            # "What is left": at most the refunded debit, and more than nothing.
+            if not 0 < int(row.amount_units) <= -int(target.amount_units):
+                return [f"refund of the rest is {row.amount_units} of {target.amount_units}"]
+        else:
+            expected["amount_units"] = _units_of(amount_text)
+    elif parts[-1] in _WRITES:
+        type_, sign = _WRITES[parts[-1]]
+        expected.update(
+            type=type_,
+            user_id=sent["user_id"],
+            refund_of=None,
+            reference=sent.get("reference"),
+            description=sent.get("reason" if type_ == "adjustment" else "description"),
+            amount_units=sign * _units_of(amount_text or "0"),
+        )
+    else:
+        return [f"{path} writes no ledger entry"]
+    stored = {
+        "type": row.type,
+        "user_id": row.user_id,
+        "amount_units": int(row.amount_units),
+        "refund_of": row.refund_of,
+        "reference": row.reference,
+        "description": row.description,
+        "hold_id": row.hold_id,
+        "metadata": json.loads(row.metadata_json),
+    }
+    return [
+        f"{name} is {stored[name]!r}, asked {value!r}"
+        for name, value in expected.items()
+        if stored[name] != value
+    ]

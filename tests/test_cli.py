@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 from conftest import Databases, make_app
+from invariants import ledger_problems
 
 from callora_credits import current_ledger
 from callora_credits.db.models import Account
@@ -21,7 +22,7 @@ def test_topup_balance_history(app, user_id):
     assert result.exit_code == 0, result.output
     assert "+12.5000000" in result.output
     again = runner.invoke(args=["credits", "topup", user_id, "1", "--reference", "r1"])
-    assert again.exit_code != 0
+    assert again.exit_code == 1
     assert "reference" in again.output.lower()
     balance = runner.invoke(args=["credits", "balance", user_id])
     assert "balance 12.5000000" in balance.output
@@ -29,7 +30,8 @@ def test_topup_balance_history(app, user_id):
     assert "topup" in history.output
     assert "r1" in history.output
     bad = runner.invoke(args=["credits", "topup", user_id, "1.123456789"])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 1
+    assert "balance 12.5000000" in runner.invoke(args=["credits", "balance", user_id]).output
 
 
 def test_reconcile_reports_a_tampered_balance(app, user_id):
@@ -39,6 +41,7 @@ def test_reconcile_reports_a_tampered_balance(app, user_id):
         ledger.top_up(user_id, 50)
         ledger.charge(user_id, 20)
         assert ledger.reconcile(user_id).ok
+        assert ledger_problems(ledger.engine, user_id) == []
     clean = runner.invoke(args=["credits", "reconcile", "--user", user_id])
     assert clean.exit_code == 0, clean.output
     with app.app_context():
@@ -49,6 +52,7 @@ def test_reconcile_reports_a_tampered_balance(app, user_id):
         report = current_ledger().reconcile(user_id)
         assert not report.ok
         assert {m.user_id for m in report.mismatches} == {user_id}
+        assert ledger_problems(engine, user_id) == ["balance 31 != SUM(amount_units) 30"]
         dirty = runner.invoke(args=["credits", "reconcile", "--user", user_id])
         assert dirty.exit_code == 1
         assert user_id in dirty.output

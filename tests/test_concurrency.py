@@ -1,5 +1,4 @@
-"""One hot account under concurrent load stays exact, on real databases
-(SPEC §5, §6, §9, §12).
+"""One hot account under concurrent load stays exact, on real databases.
 
 Threads each drive their own ``app.test_client()``; the multi-process test
 spawns OS processes that each build their own app. Idempotency keys are
@@ -197,18 +196,28 @@ class Context:
 
 
 def request_for(op: Op, ctx: Context) -> dict[str, Any]:
-    """The concrete request of ``op``: path, token and body."""
+    """The concrete request of ``op``: path, token and body.
+
+    Each body is told apart from the others by its texts and metadata, so an
+    entry written with another request's fields is caught.
+    """
     if op.kind == "refund":
         target = ctx.charges.pick(op.pick)
         if target is not None:
             entry_id, units = target
-            body = {} if op.share is None else {"amount_usdc": usdc(max(1, int(units * op.share)))}
+            body: dict[str, Any] = {"reason": f"refund {op.index}"}
+            if op.share is not None:
+                body["amount_usdc"] = usdc(max(1, int(units * op.share)))
             return {"path": f"/transactions/{entry_id}/refund", "as": "admin", "body": body}
+    body = {
+        "user_id": ctx.user_id,
+        "amount_usdc": usdc(op.units),
+        "description": f"{op.kind} {op.index}",
+        "metadata": {"op": str(op.index), "kind": op.kind},
+    }
     if op.kind == "charge":
-        body = {"user_id": ctx.user_id, "amount_usdc": usdc(op.units)}
         return {"path": "/charge", "as": "service", "body": body}
     # A top-up, or a refund with nothing yet to refund.
-    body = {"user_id": ctx.user_id, "amount_usdc": usdc(op.units)}
     return {"path": "/topup", "as": "admin", "body": body}
 
 
@@ -238,6 +247,7 @@ def run_queue(name: str, queue: list[Op], client: Any, ctx: Context) -> list[Rep
             body=response.get_data(),
             replayed=response.headers.get("Idempotent-Replayed") == "true",
             worker=name,
+            sent=request["body"],
         )
         replies.append(reply)
         if request["path"] == "/charge" and reply.status == 201:
@@ -589,9 +599,57 @@ def test_reconcile_is_clean_after_a_mixed_load(app, user_id):
     _, replies, failures, errors = run_thread_mix(
         app, user_id, seed=99, singles=96, pairs=8, workers=16
     )
-    assert failures == [], "\n".join(failures)
-    assert all(r.status < 500 for r in replies), errors[:3]
+    assert_mix_is_exact(engine_of(app), user_id, replies, failures, errors)
     with app.app_context():
         report = current_ledger().reconcile(user_id)
     assert report.ok, report.mismatches
     assert report.entries == len(snapshot(engine_of(app), user_id).entries) > 0
+
+
+# --- 7. the checks themselves -----------------------------------------------------------
+
+
+def test_checks_catch_entries_that_agree_with_their_answers_but_not_their_requests(app, user_id):
+    """A swap the server made consistently (each row stored, and answered,
+    with another request's fields) passes every comparison of answers with
+    rows; only the comparison with what was asked catches it."""
+    client = app.test_client()
+    auth = tokens()
+    plan = [
+        ("/topup", "admin", {"user_id": user_id, "amount_usdc": "10", "metadata": {"op": "t"}}),
+        ("/charge", "service", {"user_id": user_id, "amount_usdc": "2", "description": "a"}),
+        ("/charge", "service", {"user_id": user_id, "amount_usdc": "3", "metadata": {"op": "b"}}),
+    ]
+    replies = []
+    for n, (path, who, body) in enumerate(plan):
+        response = client.post(
+            BASE + path,
+            json=body,
+            headers={"Authorization": f"Bearer {auth[who]}", "Idempotency-Key": f"check:{n}"},
+        )
+        assert response.status_code == 201, response.get_data()
+        replies.append(Reply(f"check:{n}", path, 201, response.get_data(), False, "t", body))
+    refund = client.post(
+        f"{BASE}/transactions/{replies[1].json['id']}/refund",
+        json={"reason": "r"},
+        headers={"Authorization": f"Bearer {auth['admin']}", "Idempotency-Key": "check:r"},
+    )
+    assert refund.status_code == 201, refund.get_data()
+    path = f"/transactions/{replies[1].json['id']}/refund"
+    replies.append(Reply("check:r", path, 201, refund.get_data(), False, "t", {"reason": "r"}))
+    snap = snapshot(engine_of(app), user_id)
+    assert replies_problems(snap, replies, MIX_ALLOWED) == []
+
+    charge_a, charge_b, topup = replies[1], replies[2], replies[0]
+    for mixed in (
+        [topup, replace(charge_a, sent=charge_b.sent), replace(charge_b, sent=charge_a.sent)],
+        [replace(topup, path="/charge"), charge_a, charge_b],
+        [replace(topup, sent={**topup.sent, "user_id": f"{user_id}_other"}), charge_a, charge_b],
+    ):
+        problems = replies_problems(snap, [*mixed, replies[3]], MIX_ALLOWED)
+        assert len(problems) == 1, problems
+        assert "not what their request asked" in problems[0], problems
+    # A refund written against another charge than the one in its path.
+    too_much = replace(replies[3], path=f"/transactions/{charge_b.json['id']}/refund")
+    problems = replies_problems(snap, [*replies[:3], too_much], MIX_ALLOWED)
+    assert any("refund_of" in p for p in problems), problems

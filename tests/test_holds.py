@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE
+from invariants import ledger_problems
 
 from callora_credits import current_ledger
 from callora_credits.errors import HoldAmountExceeded, HoldNotPending, InsufficientCredits
@@ -130,6 +131,7 @@ def test_resolving_twice_and_capturing_more_are_refused(app, user_id):
         assert ledger.capture(zero.id, 0).status == "released"
         assert ledger.find_by_user_id(user_id).balance_units == 8 * U
         assert ledger.reconcile(user_id).ok
+        assert ledger_problems(ledger.engine, user_id) == []
 
 
 def test_expiry_frees_available_without_a_sweeper(app, clock, user_id):
@@ -184,6 +186,7 @@ def test_concurrent_captures_and_releases_one_wins(app, user_id):
         expected = 5 * U if wins == ["captured"] else 10 * U
         assert ledger.find_by_user_id(user_id).balance_units == expected
         assert ledger.reconcile(user_id).ok
+        assert ledger_problems(ledger.engine, user_id) == []
 
 
 def test_holds_http_list_get_and_permissions(app, client, auth, service, user_id):

@@ -526,16 +526,35 @@ def test_bad_user_id_in_a_query_is_400(app, client, admin, value, path):
 # --- other strings that reach the database ---------------------------------------------
 
 
-def test_nul_in_free_text_is_not_a_500(request, engine_name, app, client, admin, user_id):
+def test_nul_in_free_text_is_a_400_that_writes_nothing(app, client, admin, admin_id, user_id):
     requests = [
-        ("topup", {"user_id": user_id, "amount_usdc": "1", "description": "a\x00b"}),
-        ("charge", {"user_id": user_id, "amount_usdc": "1", "description": "a\x00b"}),
-        ("adjustments", {"user_id": user_id, "amount_usdc": "1", "reason": "a\x00b"}),
-        ("topup", {"user_id": user_id, "amount_usdc": "1", "metadata": {"k\x00": "v\x00"}}),
+        (
+            "topup",
+            {"user_id": user_id, "amount_usdc": "1", "description": "a\x00b"},
+            "description",
+        ),
+        (
+            "charge",
+            {"user_id": user_id, "amount_usdc": "1", "description": "a\x00b"},
+            "description",
+        ),
+        ("adjustments", {"user_id": user_id, "amount_usdc": "1", "reason": "a\x00b"}, "reason"),
+        (
+            "topup",
+            {"user_id": user_id, "amount_usdc": "1", "metadata": {"k\x00": "v"}},
+            "metadata",
+        ),
+        (
+            "topup",
+            {"user_id": user_id, "amount_usdc": "1", "metadata": {"k": "v\x00"}},
+            "metadata",
+        ),
     ]
-    for path, body in requests:
+    for path, body, field in requests:
         response = client.post(f"{BASE}/{path}", json=body, headers={**admin, **key()})
-        assert response.status_code < 500, (path, body, response.json)
+        error = assert_error(response, 400, "VALIDATION_ERROR")
+        assert error["details"][0]["field"].split(".")[0] == field, (path, error)
+    assert untouched(app, user_id, admin_id)
 
 
 def test_nul_in_path_ids_is_not_a_500(request, engine_name, client, admin):

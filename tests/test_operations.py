@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE, assert_error, make_token
+from invariants import ledger_problems
 
 from callora_credits import current_ledger
 from callora_credits.core.idempotency import CallCodec, IdempotencyScope
@@ -364,6 +365,7 @@ def test_concurrent_update_balance_leaves_one_of_the_targets(app, user_id):
                 ).scalar_one()
             assert int(total) == balance
             assert current_ledger().reconcile(user_id).ok
+            assert ledger_problems(engine, user_id) == []
 
 
 def test_update_balance_to_the_same_value_writes_nothing(app, user_id):

@@ -6,6 +6,7 @@ import uuid
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from invariants import ledger_problems
 
 from callora_credits import current_ledger
 from callora_credits.errors import InsufficientCredits
@@ -70,6 +71,7 @@ def test_walk_a_thousand_entries_while_new_ones_arrive(app, client, auth, user_i
     assert pages == 10
     with app.app_context():
         assert current_ledger().reconcile(user_id).ok
+        assert ledger_problems(current_ledger().engine, user_id) == []
 
 
 @settings(

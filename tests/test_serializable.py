@@ -1,5 +1,5 @@
 """PostgreSQL at SERIALIZABLE, as distributed SQL engines run: the library
-retries serialization failures (SPEC §9) and the ledger stays exact."""
+retries serialization failures and the ledger stays exact."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import threading
 
 import pytest
 from conftest import make_app
+from invariants import ledger_problems
 
 from callora_credits import current_ledger
 from callora_credits.errors import InsufficientCredits
@@ -66,5 +67,6 @@ def test_concurrent_mix_is_exact_and_retries_are_counted(serializable_app, user_
         assert balance.balance_units == 1_000 + sum(applied)
         assert balance.balance_units >= 0
         assert ledger.reconcile(user_id).ok
+        assert ledger_problems(ledger.engine, user_id) == []
         stats = app.extensions["callora_credits"].stats
     assert stats.counts.get("serialization", 0) > 0, stats.counts

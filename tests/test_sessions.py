@@ -6,6 +6,7 @@ from datetime import datetime
 
 import pytest
 import sqlalchemy as sa
+from invariants import ledger_problems
 from sqlalchemy.orm import Session
 
 from callora_credits import current_ledger, signals
@@ -83,3 +84,4 @@ def test_a_refused_joined_operation_leaves_nothing_behind(app, user_id):
             session.commit()
         assert ledger.find_by_user_id(user_id).balance_units == 10
         assert ledger.reconcile(user_id).ok
+        assert ledger_problems(ledger.engine, user_id) == []
