@@ -27,7 +27,8 @@ DEFAULTS: Mapping[str, Any] = {
     "CREDITS_IDEMPOTENCY_WAIT_SECONDS": 5,
     "CREDITS_LOW_BALANCE_USDC": None,
     "CREDITS_PAGE_SIZE_MAX": 100,
-    "CREDITS_DB_RETRIES": 5,
+    "CREDITS_DB_RETRIES": 10,
+    "CREDITS_DB_RETRY_SECONDS": 5,
     "CREDITS_BIND_KEY": None,
 }
 
@@ -57,6 +58,7 @@ class CreditsConfig:
         self.low_balance_units = None if low is None else parse_limit(low)
         self.page_size_max = int(get("CREDITS_PAGE_SIZE_MAX"))
         self.db_retries = int(get("CREDITS_DB_RETRIES"))
+        self.db_retry_seconds = float(get("CREDITS_DB_RETRY_SECONDS"))
         bind_key = get("CREDITS_BIND_KEY")
         if bind_key is not None and not isinstance(bind_key, str):
             raise ValueError(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
@@ -63,3 +66,41 @@ def test_a_transient_failure_is_still_logged_at_info(app, caplog):
     assert _retry_notices(caplog.records) == [
         "credits: retrying a transaction (locked, attempt 1)"
     ]
+
+
+# --- the two bounds of retrying ----------------------------------------------------------
+
+
+def _locked(calls: list[float]) -> Any:
+    def work(tx: Any) -> None:
+        calls.append(time.monotonic())
+        raise sa.exc.OperationalError("UPDATE credits", {}, Exception("database is locked"))
+
+    return work
+
+
+def test_retries_stop_at_the_attempt_bound(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'bound.sqlite3'}")
+    calls: list[float] = []
+    with pytest.raises(sa.exc.OperationalError):
+        run(_locked(calls), engine=engine, retries=3, retry_seconds=60)
+    assert len(calls) == 4  # the first attempt and three retries
+    engine.dispose()
+
+
+def test_retries_stop_at_the_time_bound(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'bound.sqlite3'}")
+    calls: list[float] = []
+    started = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError):
+        run(_locked(calls), engine=engine, retries=10_000, retry_seconds=0.5)
+    assert 0.5 <= time.monotonic() - started < 2.0
+    assert 3 < len(calls) < 10_000
+    engine.dispose()
+
+
+def test_the_defaults_are_ten_retries_within_five_seconds(app):
+    from callora_credits.config import CreditsConfig
+
+    cfg = CreditsConfig(app.config)
+    assert (cfg.db_retries, cfg.db_retry_seconds) == (10, 5.0)

@@ -108,6 +108,7 @@ class Ledger:
             work,
             engine=self.engine,
             retries=self.config.db_retries,
+            retry_seconds=self.config.db_retry_seconds,
             session=session,
             stats=self.stats,
             write=write,

@@ -262,20 +262,23 @@ def run(
     *,
     engine: Engine,
     retries: int,
+    retry_seconds: float = 5.0,
     session: HostSession | None = None,
     stats: RetryStats | None = None,
     write: bool = True,
 ) -> T:
     """Run ``work`` in one transaction and return its result.
 
-    Without ``session``: a transaction of its own on ``engine``, retried up to
-    ``retries`` times on serialization failures, deadlocks, lock timeouts,
-    SQLite's "database is locked" and lost connections; safe because every
-    unit carries an idempotency key. With ``session`` (a ``Session`` or a
-    ``scoped_session`` such as Flask-SQLAlchemy's ``db.session``): inside the
-    host's transaction, with no retries; callbacks run once, when the host's
-    outermost transaction commits, and never if it (or a savepoint around the
-    call) rolls back.
+    Without ``session``: a transaction of its own on ``engine``, retried with
+    jittered exponential backoff on serialization failures, deadlocks, lock
+    timeouts, SQLite's "database is locked" and lost connections while both
+    bounds hold: at most ``retries`` retries and ``retry_seconds`` of
+    retrying. Safe because every unit carries an idempotency key.
+
+    With ``session`` (a ``Session`` or a ``scoped_session`` such as
+    Flask-SQLAlchemy's ``db.session``): inside the host's transaction, with no
+    retries; callbacks run once, when the host's outermost transaction
+    commits, and never if it (or a savepoint around the call) rolls back.
     """
     if session is not None:
         host = _actual_session(session)
@@ -290,6 +293,7 @@ def run(
         return result
 
     attempt = 0
+    deadline = time.monotonic() + retry_seconds
     while True:
         try:
             with _begin(engine, write) as conn:
@@ -297,7 +301,8 @@ def run(
                 result = work(tx)
         except Exception as exc:
             reason = _retry_reason(exc)
-            if reason is None or attempt >= retries:
+            left = deadline - time.monotonic()
+            if reason is None or attempt >= retries or left <= 0:
                 raise
             attempt += 1
             if stats is not None:
@@ -314,7 +319,7 @@ def run(
                 )
                 continue
             log.info("credits: retrying a transaction (%s, attempt %d)", reason, attempt)
-            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt, left)))
             continue
         _fire(tx._after_commit)
         return result
