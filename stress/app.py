@@ -10,7 +10,7 @@ Host settings a production deployment would also want, and why:
 - ``pool_pre_ping``: a pooled connection the server has closed (a restart, a
   failover, ``pg_terminate_backend``, an idle timeout) is replaced at checkout
   instead of failing the first statement. The library retries a lost
-  connection inside its own transactions anyway (SPEC §9); pre-ping keeps
+  connection inside its own transactions anyway; pre-ping keeps
   those retries for connections that die mid-request.
 - ``connect_args`` connect timeout: a database that does not answer fails a
   connection attempt in seconds, never hangs a worker.

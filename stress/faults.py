@@ -1,6 +1,6 @@
 """Fault injectors: connections terminated, workers killed, the database gone.
 
-None of them touches the shared database servers themselves (SPEC §13):
+None of them touches the shared database servers themselves:
 
 - :class:`ConnectionKiller` ends the test database's own connections
   (``pg_terminate_backend`` / MariaDB ``KILL``), from an admin connection

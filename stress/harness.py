@@ -252,7 +252,7 @@ class Server:
 @dataclass
 class RunConfig:
     """One load run. ``database_url`` reuses a migrated database (the test
-    suite's, SPEC §13); without it the run creates and drops its own."""
+    suite's); without it the run creates and drops its own."""
 
     engine: str
     seconds: float = 10.0

@@ -207,7 +207,7 @@ ERROR_KEYS = {"code", "message", "requestId", "details"}
 
 
 def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
-    """The response is the library's JSON error (SPEC §4) with this status and code."""
+    """The response is the library's JSON error with this status and code."""
     assert response.status_code == status, response.get_data(as_text=True)[:500]
     assert response.mimetype == "application/json"
     body = response.get_json()

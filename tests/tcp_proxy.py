@@ -1,6 +1,6 @@
 """A TCP proxy between an app and its database, to make "database unreachable".
 
-SPEC §13: the shared database servers are never stopped by a test. Instead
+The shared database servers are never stopped by a test. Instead
 the app talks to the database through this proxy, and the test cuts it:
 
     with TcpProxy("127.0.0.1", 5432) as proxy:

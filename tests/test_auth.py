@@ -1,4 +1,4 @@
-"""Who may call GET /credits: JWT verification, the trusted header, scopes (SPEC §3)."""
+"""Who may call GET /credits: JWT verification, the trusted header, scopes."""
 
 from __future__ import annotations
 

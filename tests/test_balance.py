@@ -1,4 +1,4 @@
-"""GET /credits: the balance, its auto-creation, and concurrent first reads (SPEC §1, §5)."""
+"""GET /credits: the balance, its auto-creation, and concurrent first reads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Error bodies, request ids, routing errors, a lost database, the OpenAPI document (SPEC §4)."""
+"""Error bodies, request ids, routing errors, a lost database, the OpenAPI document."""
 
 from __future__ import annotations
 

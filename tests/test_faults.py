@@ -2,7 +2,7 @@
 
 Each test runs the stress harness (see tests/test_stress.py) through gunicorn
 while injecting one fault, on PostgreSQL and MariaDB, without ever stopping
-the shared servers (SPEC §13):
+the shared servers:
 
 - the test database's connections terminated over and over
   (``pg_terminate_backend`` / MariaDB ``KILL``);
@@ -11,7 +11,7 @@ the shared servers (SPEC §13):
   runs between the app and the server (every connection reset, new ones
   refused), then back.
 
-A last test provokes each transient error of SPEC §9 for real on its engine
+A last test provokes each transient error the retry loop handles for real on its engine
 (a deadlock, a serialization failure, a lock wait timeout, a terminated
 connection, SQLite's "database is locked") and shows the unit of work retries
 exactly those, and not a constraint violation.
@@ -134,7 +134,7 @@ def test_database_briefly_unreachable(
     assert seen > 0, summary
 
 
-# --- the retry loop against real driver errors (SPEC §9) ----------------------------
+# --- the retry loop against real driver errors -----------------------------------
 
 
 def _scratch(engine: Engine) -> None:

@@ -1,4 +1,4 @@
-"""Two-phase holds: reservation, capture, release, expiry (SPEC §7)."""
+"""Two-phase holds: reservation, capture, release, expiry."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Bodies that are not JSON, absurdly deep or too large (and never read whole);
 Idempotency-Key and X-Request-Id headers with control characters or 10 KB of
 text; user ids made of quotes, SQL, LIKE wildcards, unicode, NUL or 10 KB;
 metadata at and past its limits; duplicate JSON keys; unknown query keys.
-Whatever arrives, the answer is a 2xx or a 4xx in the error shape of SPEC §4,
+Whatever arrives, the answer is a 2xx or a 4xx in the library's error shape,
 never a 500, and a refused request changes nothing.
 """
 

@@ -1,4 +1,4 @@
-"""The shipped Alembic history against the models, on every engine (SPEC §9).
+"""The shipped Alembic history against the models, on every engine.
 
 Each test starts from the session's empty database (``migrated=False``) and
 leaves it empty again, so the order of tests does not matter.

@@ -1,4 +1,4 @@
-"""Amount parsing and formatting (SPEC §2), with property tests."""
+"""Amount parsing and formatting, with property tests."""
 
 from __future__ import annotations
 

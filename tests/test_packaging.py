@@ -1,4 +1,4 @@
-"""The wheel ships the Alembic history and the type marker (SPEC §9).
+"""The wheel ships the Alembic history and the type marker.
 
 The wheel is built from a copy of the source tree, so the build leaves no
 ``build/`` or ``*.egg-info`` behind in the checkout.

@@ -1,4 +1,4 @@
-"""Authorization boundaries and hygiene, on every engine (SPEC §3, §4, §6).
+"""Authorization boundaries and hygiene, on every engine.
 
 Scopes that merely look like the admin scope grant nothing; the service scope
 moves money but never mints it or reads other users; ids of other users'

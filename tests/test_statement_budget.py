@@ -1,4 +1,4 @@
-"""SQL statements per operation (SPEC §13): a round trip added fails here.
+"""SQL statements per operation: a round trip added fails here.
 
 Transaction control (BEGIN, COMMIT, ROLLBACK) is not counted. Each budget is
 checked on both ways a hot statement can be sent (see

@@ -1,4 +1,4 @@
-"""Load through gunicorn, then every end-state invariant (SPEC §6, §7, §9, §12).
+"""Load through gunicorn, then every end-state invariant.
 
 The short form of ``make stress`` (docs/reliability.md): the stress host app
 (``stress/app.py``) under gunicorn with several worker processes, client
