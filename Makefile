@@ -52,3 +52,11 @@ stress: $(STAMP)
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# Mutation testing of the money core with the fast SQLite tests (mutmut, on a
+# copy under build/mutation/); not part of `make test`. See docs/testing.md.
+# One module: make mutation MUTATION_ARGS="core/money.py"
+MUTATION_ARGS ?=
+.PHONY: mutation
+mutation: $(STAMP)
+	$(PY) scripts/mutation.py $(MUTATION_ARGS)
