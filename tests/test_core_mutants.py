@@ -8,6 +8,8 @@ ones that move money run on every engine.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -16,9 +18,11 @@ from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
+from conftest import SERVICE_SCOPE, make_token
 from sqlalchemy.dialects import postgresql, sqlite
 
 from callora_credits import current_ledger, signals
+from callora_credits.core.idempotency import CallCodec, IdempotencyScope, valid_key
 from callora_credits.core.money import (
     UNITS_PER_USDC,
     AmountError,
@@ -201,6 +205,21 @@ BAD_ACTOR = {
 )
 def test_reasons_are_checked_where_they_are_written(build, expected):
     assert _refusal(build) == expected
+
+
+def test_descriptions_and_hold_references_are_checked():
+    description = _refusal(
+        lambda: TopUp(limits=LIMITS, user_id="u", amount_units=1, description="d" * 501)
+    )
+    assert (description["field"], description["code"]) == ("description", "text")
+    reference = _refusal(
+        lambda: CreateHold(limits=LIMITS, user_id="u", amount_units=1, reference="")
+    )
+    assert reference == {
+        "field": "reference",
+        "message": "Use a string of 1-255 printable characters",
+        "code": "reference",
+    }
 
 
 def test_an_optional_reason_may_be_empty_or_absent_and_a_required_one_any_text():
@@ -677,6 +696,9 @@ def test_a_duplicate_reference_names_the_entry_of_that_user_and_type(app, user_i
         ledger = current_ledger()
         ledger.top_up(other_user, 10 * U, reference="order-1")
         ledger.charge(other_user, U, reference="order-1")
+        ledger.top_up(user_id, 10 * U, reference="order-0")
+        ledger.charge(user_id, U, reference="order-0")
+        ledger.hold(user_id, U, reference="order-0")
         top_up = ledger.top_up(user_id, 10 * U, reference="order-1")
         charge = ledger.charge(user_id, U, reference="order-1")
         hold_elsewhere = ledger.hold(other_user, U, reference="order-1")
@@ -842,6 +864,9 @@ def test_a_hold_stops_being_pending_the_instant_it_expires(app, clock, user_id):
         clock.advance(1)
         assert ledger.pending_holds(user_id).items == []
         assert ledger.find_by_user_id(user_id).held_units == 0
+        # The expired reservation no longer counts against a new one.
+        available = ledger.find_by_user_id(user_id).available_units
+        assert ledger.hold(user_id, available).amount_units == available
         assert ledger.get_hold(expiring.id).status == "expired"
 
 
@@ -954,8 +979,9 @@ def test_reconcile_names_a_balance_the_ledger_does_not_explain(app, user_id):
     expected = ["balance 10.0000001 != ledger sum 10.0000000", "1 entry but last_seq is 2"]
     assert _problems(app, user_id) == expected
     assert _problems(app, user_id, whole_database=True) == expected
-    _tamper(app, sa.update(accounts).where(accounts.c.user_id == user_id).values(last_seq=3))
-    assert _problems(app, user_id)[1] == "1 entry but last_seq is 3"
+    with app.app_context():
+        current_ledger().top_up(user_id, U)  # the account's own update: seq 3
+    assert _problems(app, user_id)[1] == "2 entries but last_seq is 3"
 
 
 def test_reconcile_names_a_gap_in_seq_and_each_wrong_balance_after(app, user_id):
@@ -1042,6 +1068,7 @@ def test_release_and_update_balance_keep_their_key_and_actor(app, user_id):
             == entry
         )
         assert ledger.find_by_user_id(user_id).balance_units == 5 * U
+        assert ledger.update_balance(user_id, 6 * U, "promotion").description == "promotion"
 
 
 def test_a_set_balance_is_checked_like_any_operation():
@@ -1078,6 +1105,7 @@ def test_every_call_joins_the_hosts_session_and_reads_run_beside_it(app, user_id
             assert ledger.get_hold(hold.id) is None
             assert ledger.pending_holds(user_id).items == []
             assert ledger.get_entry(charge.id).amount_units == -2 * U
+            assert len(ledger.history(user_id).items) == 2
             captured = ledger.capture(hold.id, U, session=session)
             assert ledger.get_entry(captured.transaction_id, session=session).hold_id == hold.id
             assert ledger.get_entry(captured.transaction_id) is None
@@ -1089,6 +1117,7 @@ def test_every_call_joins_the_hosts_session_and_reads_run_beside_it(app, user_id
             assert (newcomer.balance_units, newcomer.held_units) == (0, 0)
             assert ledger.find_by_user_id(user_id, session=session).balance_units == 20 * U
             assert ledger.find_by_user_id(user_id).balance_units == 8 * U
+            assert len(ledger.history(user_id, session=session).items) == 6
         finally:
             session.rollback()
         assert ledger.find_by_user_id(user_id).balance_units == 8 * U
@@ -1125,6 +1154,8 @@ def test_capture_and_release_record_what_they_did(app, clock, user_id):
         ledger = current_ledger()
         ledger.top_up(user_id, 10 * U)
         hold = ledger.hold(user_id, 2 * U, metadata={"order": "o-1"})
+        assert (hold.captured_units, hold.metadata) == (0, {"order": "o-1"})
+        assert ledger.get_hold(hold.id) == hold
         clock.advance(5)
         captured = ledger.capture(hold.id, 1)  # one unit: the smallest capture
         assert (captured.status, captured.captured_units) == ("captured", 1)
@@ -1169,3 +1200,124 @@ def test_an_adjustment_credits_a_new_account_and_keeps_its_reason(app, user_id):
         assert (welcome.amount_units, welcome.balance_after_units) == (1, 1)
         assert (welcome.type, welcome.description, welcome.seq) == ("adjustment", "welcome", 1)
         assert ledger.find_by_user_id(user_id).balance_units == 1
+
+
+def test_history_defaults_to_pages_of_twenty_and_reads_check_the_user(app, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        for _ in range(21):
+            ledger.top_up(user_id, U)
+        page = ledger.history(user_id)
+        assert [entry.seq for entry in page.items] == list(range(21, 1, -1))
+        assert [entry.seq for entry in ledger.history(user_id, cursor=page.next_cursor).items] == [
+            1
+        ]
+        bad_user = {
+            "field": "user_id",
+            "message": "Use a string of 1-128 printable characters",
+            "code": "identity",
+        }
+        assert _refusal(lambda: ledger.history("")) == bad_user
+        assert _refusal(lambda: ledger.pending_holds(" ")) == bad_user
+        assert _refusal(lambda: ledger.find_by_user_id("a\x00")) == bad_user
+
+
+def test_a_key_must_be_printable_ascii_of_1_to_255():
+    assert valid_key("k")
+    assert valid_key(" ~")
+    assert valid_key("k" * 255)
+    for bad in ("", "k" * 256, "k\x7f", "k\n", "ключ"):
+        assert not valid_key(bad)
+
+
+def test_a_python_api_key_is_found_again_by_the_next_version():
+    """The record's primary key derives from (actor, CALL, ledger.<name>, key):
+    a stored key must keep matching after an upgrade."""
+    op = TopUp(limits=LIMITS, user_id="u", amount_units=1, actor_id="ops")
+    scope = IdempotencyScope.for_call(op, "k-1")
+    expected = hashlib.sha256(b"ops\x00CALL\x00ledger.top_up\x00k-1").hexdigest()
+    assert scope.key_hash == expected
+    anonymous = IdempotencyScope.for_call(TopUp(limits=LIMITS, user_id="u", amount_units=1), "k")
+    assert (anonymous.actor_id, anonymous.method, anonymous.path) == ("", "CALL", "ledger.top_up")
+    fresh = IdempotencyScope.for_call(op, None)
+    assert re.fullmatch(r"auto:[0-9a-f]{32}", fresh.key)
+    assert IdempotencyScope.for_call(op, None).key != fresh.key
+
+
+def test_the_python_api_stores_results_as_0_and_errors_as_1(app, user_id):
+    codec = CallCodec()
+    op = Charge(limits=LIMITS, user_id=user_id, amount_units=1)
+    error = InsufficientCredits()
+    assert codec.encode(op, error)[0] == 1
+    assert codec.encode(op, None) == (0, b"null")
+    with app.app_context():
+        entry = current_ledger().top_up(user_id, U)
+    status, body = codec.encode(op, entry)
+    assert status == 0
+    assert codec.decode(op, status, body) == entry
+    decoded = codec.decode(op, *codec.encode(op, error))
+    assert (type(decoded), decoded.message) == (InsufficientCredits, error.message)
+
+
+def test_only_a_replay_says_it_is_one(app, client, user_id):
+    headers = {
+        "Authorization": f"Bearer {make_token('gateway', scopes=SERVICE_SCOPE)}",
+        "Idempotency-Key": f"{user_id}-short",
+    }
+    body = {"user_id": user_id, "amount_usdc": "1"}
+    first = client.post("/api/billing/credits/charge", json=body, headers=headers)
+    assert first.status_code == 402
+    assert "Idempotent-Replayed" not in first.headers
+    again = client.post("/api/billing/credits/charge", json=body, headers=headers)
+    assert again.status_code == 402
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_data() == first.get_data()
+
+
+def test_reads_check_their_limit(app, user_id):
+    bad_limit = {"field": "limit", "message": "limit must be a positive int", "code": "range"}
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, U)
+        ledger.top_up(user_id, U)
+        for bad in (0, -1, True, "5", 1.0):
+            assert _refusal(lambda bad=bad: ledger.history(user_id, limit=bad)) == bad_limit
+            assert _refusal(lambda bad=bad: ledger.pending_holds(user_id, limit=bad)) == bad_limit
+        assert len(ledger.history(user_id, limit=1).items) == 1
+        key_type = {"field": "idempotency_key", "message": "Use a string", "code": "type"}
+        assert _refusal(lambda: ledger.top_up(user_id, U, idempotency_key=5)) == key_type
+
+
+def test_history_since_is_inclusive_and_until_exclusive(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, U)
+        clock.advance(10)
+        middle = clock.now
+        ledger.top_up(user_id, U)
+        clock.advance(10)
+        ledger.top_up(user_id, U)
+        assert [e.seq for e in ledger.history(user_id, since=middle).items] == [3, 2]
+        assert [e.seq for e in ledger.history(user_id, until=middle).items] == [1]
+        window = ledger.history(user_id, since=middle, until=clock.now)
+        assert [e.seq for e in window.items] == [2]
+
+
+def test_actors_and_keys_reach_top_ups_charges_and_holds(app, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        assert ledger.top_up(user_id, 10 * U, actor_id="ops_1").actor_id == "ops_1"
+        assert ledger.charge(user_id, U, actor_id="svc_1").actor_id == "svc_1"
+        key = f"{user_id}-hold"
+        first = ledger.hold(user_id, U, actor_id="svc_1", idempotency_key=key)
+        # Keys are scoped per actor: another actor's same key is a new hold.
+        second = ledger.hold(user_id, U, actor_id="svc_2", idempotency_key=key)
+        assert first.id != second.id
+        engine = app.extensions["sqlalchemy"].engine
+        with engine.connect() as conn:
+            actor = conn.execute(
+                sa.select(store.holds.c.actor_id).where(store.holds.c.id == first.id)
+            ).scalar_one()
+        assert actor == "svc_1"
+        with pytest.raises(InsufficientCredits):
+            ledger.hold(user_id + "_none", 1)
