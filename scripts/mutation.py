@@ -169,7 +169,8 @@ def _report(results: dict[str, dict[str, int | None]], complete: bool) -> float:
     if total[NOT_CHECKED]:
         print(f"\n{total[NOT_CHECKED]} mutants were not checked (the run was stopped first).")
     if survivors:
-        print("\nSurvivors (`cd build/mutation && python -m mutmut show NAME` shows one):")
+        show = f"cd {WORK.relative_to(ROOT)} && {sys.executable} -m mutmut show NAME"
+        print(f"\nSurvivors (`{show}` shows one as a diff):")
         for name in survivors:
             print("   ", name)
     if not complete:
