@@ -29,7 +29,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "Account",
+    "AllocationRow",
     "Base",
+    "GrantRow",
     "HoldRow",
     "IdempotencyRecord",
     "LedgerEntry",
@@ -81,6 +83,16 @@ class Account(Base):
     last_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    #: No later than the account's next due event (a hold's expiry, a
+    #: scheduled grant's start, a grant's expiry); ``None``: nothing is due.
+    #: An operation that finds it passed settles what is due first.
+    next_due_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    #: The sum of the account's scheduled grants, counted by the balance limit.
+    scheduled_units: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    #: The ``number`` of the account's newest grant (creation order).
+    last_grant_number: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, server_default="0"
+    )
 
 
 class LedgerEntry(Base):
@@ -91,7 +103,8 @@ class LedgerEntry(Base):
         UniqueConstraint("user_id", "seq"),
         UniqueConstraint("user_id", "type", "reference"),
         CheckConstraint(
-            "type IN ('topup', 'charge', 'refund', 'hold_capture', 'adjustment')",
+            "type IN ('topup', 'charge', 'refund', 'hold_capture', 'adjustment',"
+            " 'grant', 'expiration', 'void')",
             name="type_known",
         ),
         CheckConstraint("balance_after_units >= 0", name="balance_after_nonnegative"),
@@ -113,6 +126,87 @@ class LedgerEntry(Base):
     refunded_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
     actor_id: Mapped[str | None] = mapped_column(String(USER_ID_LENGTH))
     created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    #: The one grant a ``topup``, ``grant``, positive ``adjustment``,
+    #: ``expiration`` or ``void`` entry is about.
+    grant_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+
+
+class GrantRow(Base):
+    """A grant: credit that entered (or will enter) a balance, and what is
+    left of it. ``status`` is as last written; reads derive the status at an
+    instant from it and the grant's times."""
+
+    __tablename__ = "credits_grants"
+    __table_args__ = (
+        UniqueConstraint("user_id", "number"),
+        UniqueConstraint("user_id", "origin", "reference"),
+        Index("ix_credits_grants_user_id_status", "user_id", "status"),
+        CheckConstraint("category IN ('paid', 'promotional')", name="category_known"),
+        CheckConstraint(
+            "status IN ('scheduled', 'active', 'expired', 'voided')", name="status_known"
+        ),
+        CheckConstraint(
+            "origin IN ('topup', 'grant', 'adjustment', 'refund', 'migration')",
+            name="origin_known",
+        ),
+        CheckConstraint("amount_units > 0", name="amount_positive"),
+        CheckConstraint(
+            "remaining_units >= 0 AND held_units >= 0"
+            " AND remaining_units + held_units <= amount_units",
+            name="parts_within_amount",
+        ),
+        CheckConstraint("priority >= 0 AND priority <= 100", name="priority_range"),
+        _MARIADB_TABLE,
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), nullable=False)
+    #: Creation order within the user: 1, 2, 3...
+    number: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    category: Mapped[str] = mapped_column(String(16), nullable=False)
+    origin: Mapped[str] = mapped_column(String(16), nullable=False)
+    amount_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    remaining_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    held_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    priority: Mapped[int] = mapped_column(Integer, nullable=False)
+    effective_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    voided_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    reference: Mapped[str | None] = mapped_column(String(REFERENCE_LENGTH))
+    description: Mapped[str | None] = mapped_column(String(500))
+    metadata_json: Mapped[str] = mapped_column(Document, nullable=False)
+    transaction_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    actor_id: Mapped[str | None] = mapped_column(String(USER_ID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, nullable=False)
+
+
+class AllocationRow(Base):
+    """What one entry drew from (or gave back to) one grant, or what one hold
+    pinned on it: exactly one of ``entry_id`` and ``hold_id`` is set.
+    ``position`` is the order drawn (or pinned)."""
+
+    __tablename__ = "credits_allocations"
+    __table_args__ = (
+        UniqueConstraint("entry_id", "position"),
+        UniqueConstraint("hold_id", "position"),
+        Index("ix_credits_allocations_grant_id", "grant_id"),
+        CheckConstraint("amount_units > 0", name="amount_positive"),
+        CheckConstraint(
+            "(entry_id IS NULL) <> (hold_id IS NULL)", name="entry_or_hold"
+        ),
+        _MARIADB_TABLE,
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), nullable=False)
+    entry_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    hold_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    grant_id: Mapped[str] = mapped_column(String(ID_LENGTH), nullable=False)
+    amount_units: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class HoldRow(Base):
