@@ -17,6 +17,7 @@ __all__ = [
     "Detail",
     "DuplicateReference",
     "Forbidden",
+    "GrantNotActive",
     "HoldAmountExceeded",
     "HoldNotPending",
     "IdempotencyConflict",
@@ -118,6 +119,12 @@ class IdempotencyInProgress(CreditsError):
 class HoldNotPending(CreditsError):
     code = "HOLD_NOT_PENDING"
     default_message = "The hold is no longer pending"
+    storable = True
+
+
+class GrantNotActive(CreditsError):
+    code = "GRANT_NOT_ACTIVE"
+    default_message = "The grant is no longer active"
     storable = True
 
 

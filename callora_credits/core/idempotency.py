@@ -37,7 +37,7 @@ from ..errors import (
 )
 from .operations import Operation
 from .posting import Posting, ReferenceTaken, Settings, describe_duplicate
-from .records import Entry, Hold, Record, dumps
+from .records import Entry, Grant, Hold, Record, dumps
 
 __all__ = [
     "CallCodec",
@@ -53,7 +53,7 @@ __all__ = [
 MAX_KEY_LENGTH = 255
 
 #: What an operation produces: an entry, a hold, or nothing to change.
-Result = Entry | Hold | None
+Result = Entry | Hold | Grant | None
 T = TypeVar("T")
 
 
@@ -128,9 +128,11 @@ class CallCodec:
             return None
         if status != 0 and "code" in data and "message" in data:
             return error_for_code(data["code"], data["message"], data.get("details"))
-        record: type[Record] = Hold if "captured_usdc" in data else Entry
+        record: type[Record] = (
+            Hold if "captured_usdc" in data else Grant if "remaining_usdc" in data else Entry
+        )
         found = record.from_json(data)
-        assert isinstance(found, Entry | Hold)
+        assert isinstance(found, Entry | Hold | Grant)
         return found
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from typing import Any, TypedDict, TypeVar
 
 from sqlalchemy import select
@@ -28,18 +29,22 @@ from .operations import (
     Adjust,
     Capture,
     Charge,
+    CreateGrant,
     CreateHold,
     Operation,
     Refund,
     Release,
     SetBalance,
     TopUp,
+    VoidGrant,
     check_identity,
     possible_id,
 )
 from .pagination import Page, decode_hold_cursor, decode_seq_cursor, hold_cursor, seq_cursor
+from .posting import Posting
+from .reading import GRANT_FILTERS, read_balance, read_entries, read_grant, read_grants
 from .reconcile import ReconcileReport, reconcile
-from .records import Balance, Entry, Hold
+from .records import Balance, Entry, Grant, Hold
 
 __all__ = ["Ledger", "TransferOptions"]
 
@@ -123,11 +128,7 @@ class Ledger:
         check_identity("user_id", user_id)
         now = self._now()
 
-        def work(tx: Tx) -> Balance | None:
-            row = store.balance_row(tx.conn, user_id, now)
-            return None if row is None else Balance.from_row(row)
-
-        return self._run(work, session, write=False)
+        return self._run(lambda tx: read_balance(tx.conn, user_id, now), session, write=False)
 
     def get_or_create_by_user_id(
         self, user_id: str, *, session: HostSession | None = None
@@ -144,9 +145,9 @@ class Ledger:
 
         def create(tx: Tx) -> Balance:
             store.insert_account_if_missing(tx.conn, user_id, now)
-            row = store.balance_row(tx.conn, user_id, now)
-            assert row is not None  # inserted or already there, in this transaction
-            return Balance.from_row(row)
+            found = read_balance(tx.conn, user_id, now)
+            assert found is not None  # inserted or already there, in this transaction
+            return found
 
         return self._run(create, session)
 
@@ -159,7 +160,7 @@ class Ledger:
 
         def work(tx: Tx) -> Entry | None:
             row = store.entry_row(tx.conn, transaction_id)
-            return None if row is None else Entry.from_row(row)
+            return None if row is None else read_entries(tx.conn, [row])[0]
 
         return self._run(work, session, write=False)
 
@@ -196,7 +197,7 @@ class Ledger:
 
         def work(tx: Tx) -> Page[Entry]:
             rows = tx.conn.execute(stmt).all()
-            page = [Entry.from_row(row) for row in rows[:limit]]
+            page = read_entries(tx.conn, rows[:limit])
             more = len(rows) > limit and bool(page)
             return Page(page, seq_cursor(page[-1].seq) if more else None)
 
@@ -245,23 +246,153 @@ class Ledger:
         now = self._now()
         return self._run(lambda tx: store.delete_expired_idempotency(tx.conn, now))
 
-    def expire_holds(self) -> int:
-        """Mark pending holds past their expiry ``expired``; returns how many.
+    def settle_grants(self, *, batch: int = 100) -> int:
+        """Write every due event (hold expiries, grant activations and
+        expiries) of every account, one account per transaction; returns how
+        many entries were written.
 
-        Tidiness only: an expired hold stops counting the moment it expires.
+        Reads are exact without it, and the next operation on an account
+        writes what is due there first: this moves the history, the usage
+        summary and ``updated_at`` along for accounts left alone. Safe to run
+        concurrently and repeatedly: each event is written once.
         """
+        written = 0
+        seen: set[str] = set()
+        while True:
+            now = self._now()
+            users = self._run(partial(_due_accounts, now, batch), write=False)
+            users = [user for user in users if user not in seen]
+            if not users:
+                return written
+            for user_id in users:
+                seen.add(user_id)
+                written += self._run(partial(self._settle_one, user_id, self._now()))
+
+    def _settle_one(self, user_id: str, now: datetime, tx: Tx) -> int:
+        posting = Posting(tx, now, self.config, self.sender)
+        before = store.lock_account(tx.conn, user_id)
+        if before is None:
+            return 0
+        posting._lock(user_id)
+        after = store.lock_account(tx.conn, user_id)
+        return int(after.last_seq) - int(before.last_seq)
+
+    def expire_holds(self) -> int:
+        """Write what fell due on every account (expired holds give their
+        pinned credit back): :meth:`settle_grants`. Returns the entries written.
+        """
+        return self.settle_grants()
+
+    # --- grants ----------------------------------------------------------------------
+
+    def get_grant(self, grant_id: str, *, session: HostSession | None = None) -> Grant | None:
+        """One grant by id, as of now, or ``None``."""
+        if not isinstance(grant_id, str) or not possible_id(grant_id):
+            return None
         now = self._now()
-        return self._run(lambda tx: store.expire_holds(tx.conn, now))
+        return self._run(lambda tx: read_grant(tx.conn, grant_id, now), session, write=False)
+
+    def grants(
+        self,
+        user_id: str,
+        *,
+        status: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+        session: HostSession | None = None,
+    ) -> Page[Grant]:
+        """A page of the user's grants, newest first. ``status`` is one of
+        scheduled, active, depleted, expired, voided or ``"all"``; by default
+        the active and scheduled ones."""
+        check_identity("user_id", user_id)
+        _check_limit(limit)
+        statuses = GRANT_FILTERS.get("default" if status is None else status)
+        if statuses is None or status == "default":
+            raise ValidationError.on(
+                "status", "Use scheduled, active, depleted, expired, voided or all", "enum"
+            )
+        before = decode_seq_cursor(cursor, "g") if cursor else None
+        now = self._now()
+
+        def work(tx: Tx) -> Page[Grant]:
+            found, more = read_grants(tx.conn, user_id, now, statuses, limit, before)
+            return Page(found, None if more is None else seq_cursor(more, "g"))
+
+        return self._run(work, session, write=False)
+
+    def grant(
+        self,
+        user_id: str,
+        amount_units: int,
+        *,
+        category: str = "promotional",
+        priority: int = 50,
+        effective_at: datetime | None = None,
+        expires_at: datetime | None = None,
+        reference: str | None = None,
+        description: str | None = None,
+        metadata: dict[str, str] | None = None,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: HostSession | None = None,
+    ) -> Grant:
+        """Give the user credit as a grant (promotional by default), entering
+        the balance at ``effective_at`` (default now) and leaving it at
+        ``expires_at`` (default never). Times are timezone-aware."""
+        op = CreateGrant(
+            limits=self.config,
+            user_id=user_id,
+            amount_units=amount_units,
+            category=category,
+            priority=priority,
+            effective_at=effective_at,
+            expires_at=expires_at,
+            reference=reference,
+            description=description,
+            metadata={} if metadata is None else metadata,
+            actor_id=actor_id,
+        )
+        result = self._call(op, idempotency_key, session)
+        assert isinstance(result, Grant)
+        return result
+
+    def void_grant(
+        self,
+        grant_id: str,
+        *,
+        actor_id: str | None = None,
+        idempotency_key: str | None = None,
+        session: HostSession | None = None,
+    ) -> Grant:
+        """Take what is left of a grant out of the balance now (its held part
+        when its holds resolve);
+        :class:`~callora_credits.errors.GrantNotActive` if nothing is left."""
+        op = VoidGrant(limits=self.config, grant_id=grant_id, actor_id=actor_id)
+        result = self._call(op, idempotency_key, session)
+        assert isinstance(result, Grant)
+        return result
 
     # --- money-moving operations ---------------------------------------------------
 
-    def top_up(self, user_id: str, amount_units: int, **options: Unpack[TransferOptions]) -> Entry:
-        """Credit ``amount_units`` to the user (created if new).
+    def top_up(
+        self,
+        user_id: str,
+        amount_units: int,
+        *,
+        expires_at: datetime | None = None,
+        priority: int = 50,
+        **options: Unpack[TransferOptions],
+    ) -> Entry:
+        """Credit ``amount_units`` to the user (created if new), as a ``paid``
+        grant that expires at ``expires_at`` (default never) and is used in
+        ``priority`` order (0-100, lower first).
 
         ``reference`` (an external payment id) credits at most once per user,
         even under different idempotency keys.
         """
-        return self._transfer(TopUp, user_id, amount_units, options)
+        return self._transfer(
+            TopUp, user_id, amount_units, options, expires_at=expires_at, priority=priority
+        )
 
     def charge(self, user_id: str, amount_units: int, **options: Unpack[TransferOptions]) -> Entry:
         """Debit ``amount_units``; :class:`~callora_credits.errors.InsufficientCredits`
@@ -274,9 +405,11 @@ class Ledger:
         user_id: str,
         amount_units: int,
         options: TransferOptions,
+        **extra: Any,
     ) -> Entry:
         metadata = options.get("metadata")
         op = kind(
+            **extra,
             limits=self.config,
             user_id=user_id,
             amount_units=amount_units,
@@ -430,7 +563,7 @@ class Ledger:
 
     def _call(
         self, op: Operation, key: str | None, session: HostSession | None
-    ) -> Entry | Hold | None:
+    ) -> Entry | Hold | Grant | None:
         if key is not None and not isinstance(key, str):
             raise ValidationError.on("idempotency_key", "Use a string", "type")
         outcome = self.execute(op, IdempotencyScope.for_call(op, key), _CALLS, session=session)
@@ -450,6 +583,10 @@ class Ledger:
         result = self._call(op, key, session)
         assert isinstance(result, Hold)
         return result
+
+
+def _due_accounts(now: datetime, batch: int, tx: Tx) -> list[str]:
+    return store.due_accounts(tx.conn, now, batch)
 
 
 def _check_limit(limit: object) -> None:

@@ -15,15 +15,18 @@ hold lifetimes) are passed as ``limits``: any object with the attributes of
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from typing import Any, ClassVar, Protocol, TypeGuard
 
 from ..errors import NotFound, ValidationError
+from .clock import naive
 from .money import format_units
 
 __all__ = [
     "Adjust",
     "Capture",
     "Charge",
+    "CreateGrant",
     "CreateHold",
     "Limits",
     "Operation",
@@ -31,6 +34,7 @@ __all__ = [
     "Release",
     "SetBalance",
     "TopUp",
+    "VoidGrant",
     "check_identity",
     "possible_id",
     "valid_identity",
@@ -189,11 +193,37 @@ def _ttl(value: object, most: int) -> None:
     raise ValidationError.on("expires_in_seconds", f"expires_in_seconds must be 1 to {most}", code)
 
 
+DEFAULT_PRIORITY = 50
+GRANT_CATEGORIES = ("paid", "promotional")
+
+
+def _priority(value: object) -> None:
+    if type(value) is not int or not 0 <= value <= 100:
+        raise ValidationError.on("priority", "Use an integer from 0 to 100", "range")
+
+
+def _instant(field_name: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ValidationError.on(
+            field_name, "Use a timezone-aware datetime (ISO 8601 with an offset)", "datetime"
+        )
+    try:
+        naive(value)
+    except (OverflowError, ValueError):  # pragma: no cover - aware datetimes convert
+        raise ValidationError.on(field_name, "Out of range", "datetime") from None
+
+
 def _object_id(value: object, missing: str) -> None:
     if not isinstance(value, str):
         raise ValidationError.on("id", "Use the id as a string", "type")
     if not possible_id(value):
         raise NotFound(missing)
+
+
+def _plain_value(value: Any) -> Any:
+    return naive(value).isoformat() if isinstance(value, datetime) else value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,7 +238,9 @@ class Operation:
     def params(self) -> dict[str, Any]:
         """What was asked, as plain values: the Python API's request fingerprint."""
         return {
-            item.name: getattr(self, item.name) for item in fields(self) if item.name != "limits"
+            item.name: _plain_value(getattr(self, item.name))
+            for item in fields(self)
+            if item.name != "limits"
         }
 
     @property
@@ -239,9 +271,69 @@ class _Transfer(Operation):
 
 @dataclass(frozen=True, kw_only=True)
 class TopUp(_Transfer):
-    """Credit money received (a payment) to a user's balance."""
+    """Credit money received (a payment) to a user's balance: a ``paid``
+    grant, without expiry unless ``expires_at`` is given."""
 
     name: ClassVar[str] = "top_up"
+    expires_at: datetime | None = None
+    priority: int = DEFAULT_PRIORITY
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _instant("expires_at", self.expires_at)
+        _priority(self.priority)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CreateGrant(Operation):
+    """Give a user credit: ``promotional`` by default, used in consumption
+    order, entering the balance at ``effective_at`` (default: now) and leaving
+    it at ``expires_at`` (default: never)."""
+
+    name: ClassVar[str] = "grant"
+    user_id: str
+    amount_units: int
+    category: str = "promotional"
+    priority: int = DEFAULT_PRIORITY
+    effective_at: datetime | None = None
+    expires_at: datetime | None = None
+    reference: str | None = None
+    description: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_identity("user_id", self.user_id)
+        _units(self.amount_units, self.limits)
+        if self.category not in GRANT_CATEGORIES:
+            raise ValidationError.on("category", "Use paid or promotional", "enum")
+        _priority(self.priority)
+        _instant("effective_at", self.effective_at)
+        _instant("expires_at", self.expires_at)
+        if (
+            self.effective_at is not None
+            and self.expires_at is not None
+            and self.expires_at <= self.effective_at
+        ):
+            raise ValidationError.on(
+                "expires_at", "expires_at must be later than effective_at", "range"
+            )
+        _reference(self.reference)
+        _text("description", self.description)
+        _metadata(self.metadata)
+        _optional_identity("actor_id", self.actor_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VoidGrant(Operation):
+    """Take a grant's unheld remaining out of the balance now (its held part
+    when its holds resolve); a scheduled grant never enters."""
+
+    name: ClassVar[str] = "void_grant"
+    grant_id: str
+
+    def __post_init__(self) -> None:
+        _object_id(self.grant_id, "No such grant")
+        _optional_identity("actor_id", self.actor_id)
 
 
 @dataclass(frozen=True, kw_only=True)

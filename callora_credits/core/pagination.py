@@ -71,14 +71,15 @@ def _decode(cursor: str, prefix: str, count: int) -> list[str]:
     return parts[1:]
 
 
-def seq_cursor(seq: int) -> str:
-    """The cursor of entries before ``seq``."""
-    return encode_cursor("s", str(seq))
+def seq_cursor(seq: int, prefix: str = "s") -> str:
+    """The cursor of entries before ``seq`` (of grants before a grant
+    ``number``, with ``prefix`` ``"g"``)."""
+    return encode_cursor(prefix, str(seq))
 
 
-def decode_seq_cursor(cursor: str) -> int:
-    """The ``seq`` of an entries cursor."""
-    (number,) = _decode(cursor, "s", 1)
+def decode_seq_cursor(cursor: str, prefix: str = "s") -> int:
+    """The ``seq`` of an entries cursor (the ``number`` of a grants cursor)."""
+    (number,) = _decode(cursor, prefix, 1)
     if not number.isascii() or not number.isdigit() or len(number) > 19:
         raise _bad_cursor()
     seq = int(number)

@@ -21,21 +21,30 @@ from .clock import iso, naive, parse_iso, utc
 from .money import format_units, parse_units
 
 __all__ = [
+    "ALLOCATIONS",
     "METADATA",
+    "NEXT_EXPIRY",
     "PLAIN",
     "TIME",
     "UNITS",
+    "Allocation",
     "Balance",
     "Entry",
     "EntryType",
+    "Grant",
     "Hold",
     "HoldStatus",
     "Kind",
+    "NextExpiry",
     "Record",
     "dumps",
 ]
 
-EntryType = Literal["topup", "charge", "refund", "hold_capture", "adjustment"]
+EntryType = Literal[
+    "topup", "charge", "refund", "hold_capture", "adjustment", "grant", "expiration", "void"
+]
+GrantCategory = Literal["paid", "promotional"]
+GrantStatus = Literal["scheduled", "active", "depleted", "expired", "voided"]
 HoldStatus = Literal["pending", "captured", "released", "expired"]
 
 #: The pattern of every amount the API prints.
@@ -60,7 +69,8 @@ class Kind:
     def wire_name(self, name: str) -> str:
         return name
 
-    def column_name(self, name: str) -> str:
+    def column_name(self, name: str) -> str | None:
+        """The field's column, or ``None`` for a field kept elsewhere."""
         return name
 
     def to_wire(self, value: Any) -> Any:
@@ -124,6 +134,73 @@ class _Time(Kind):
         return (str | None) if optional else str, SchemaField(**info)
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """What one entry drew from (or gave back to) one grant."""
+
+    grant_id: str
+    amount_units: int
+
+
+@dataclass(frozen=True)
+class NextExpiry:
+    """The soonest instant unheld credit expires, and how much does then."""
+
+    at: datetime
+    amount_units: int
+
+
+class _Allocations(Kind):
+    """A list of allocations, kept in their own table (no column here)."""
+
+    def column_name(self, name: str) -> str | None:
+        return None
+
+    def to_wire(self, value: Any) -> Any:
+        return [
+            {"grant_id": item.grant_id, "amount_usdc": format_units(item.amount_units)}
+            for item in value
+        ]
+
+    def from_wire(self, value: Any) -> Any:
+        return tuple(
+            Allocation(item["grant_id"], parse_units(item["amount_usdc"])) for item in value
+        )
+
+    def schema(self, annotation: Any, info: dict[str, Any]) -> tuple[Any, Any]:
+        item = create_model(
+            "AllocationOut",
+            grant_id=(str, SchemaField(examples=["grant_5d2c8e1a9b7f4a3c6e0d1f2a"])),
+            amount_usdc=(str, SchemaField(pattern=USDC_OUT_PATTERN)),
+        )
+        return list[item], SchemaField(**info)  # type: ignore[valid-type]
+
+
+class _NextExpiry(Kind):
+    """The balance's next expiry (computed, no column)."""
+
+    def column_name(self, name: str) -> str | None:
+        return None
+
+    def to_wire(self, value: Any) -> Any:
+        if value is None:
+            return None
+        return {"at": iso(value.at), "amount_usdc": format_units(value.amount_units)}
+
+    def from_wire(self, value: Any) -> Any:
+        if value is None:
+            return None
+        return NextExpiry(parse_iso(value["at"]), parse_units(value["amount_usdc"]))
+
+    def schema(self, annotation: Any, info: dict[str, Any]) -> tuple[Any, Any]:
+        item = create_model(
+            "NextExpiryOut",
+            at=(str, SchemaField()),
+            amount_usdc=(str, SchemaField(pattern=USDC_OUT_PATTERN)),
+        )
+        return item | None, SchemaField(**info)
+
+
 class _Metadata(Kind):
     """A flat ``str -> str`` mapping, stored as a JSON document."""
 
@@ -141,6 +218,8 @@ PLAIN: Kind = _Plain()
 UNITS: Kind = _Units()
 TIME: Kind = _Time()
 METADATA: Kind = _Metadata()
+ALLOCATIONS: Kind = _Allocations()
+NEXT_EXPIRY: Kind = _NextExpiry()
 
 
 def attr(
@@ -163,7 +242,7 @@ def attr(
 class _Spec:
     name: str
     wire: str
-    column: str
+    column: str | None
     kind: Kind
     annotation: Any
     info: dict[str, Any]
@@ -192,18 +271,20 @@ class Record:
         return {
             spec.column: spec.kind.to_column(getattr(self, spec.name))
             for spec in self.specs()
-            if not spec.derived
+            if not spec.derived and spec.column is not None
         }
 
     @classmethod
-    def from_row(cls: type[R], row: Any) -> R:
-        """Read a record from a database row (any object with the columns as attributes)."""
+    def from_row(cls: type[R], row: Any, **elsewhere: Any) -> R:
+        """Read a record from a database row (any object with the columns as
+        attributes); ``elsewhere`` gives the fields kept in other tables."""
         return cls(
             **{
                 spec.name: spec.kind.from_column(getattr(row, spec.column))
                 for spec in cls.specs()
-                if not spec.derived
-            }
+                if not spec.derived and spec.column is not None
+            },
+            **elsewhere,
         )
 
     @classmethod
@@ -272,6 +353,14 @@ class Balance(Record):
     available_units: int = attr(
         UNITS, description="What a new charge or hold may spend.", derived=True
     )
+    paid_units: int = attr(UNITS, description="The part of the balance from paid grants.")
+    promotional_units: int = attr(
+        UNITS, description="The part of the balance from promotional grants."
+    )
+    next_expiry: NextExpiry | None = attr(
+        NEXT_EXPIRY,
+        description="The soonest expiry of unheld credit, and the amount expiring then.",
+    )
     created_at: datetime = attr(TIME)
     updated_at: datetime = attr(TIME)
 
@@ -297,7 +386,39 @@ class Entry(Record):
     hold_id: str | None = attr()
     refund_of: str | None = attr()
     refunded_units: int = attr(UNITS)
+    grant_id: str | None = attr(
+        description="The grant a topup, grant, positive adjustment, expiration or void is about."
+    )
+    allocations: tuple[Allocation, ...] = attr(
+        ALLOCATIONS,
+        description="The grants a debit drew from (or a refund gave back to), in order.",
+    )
     actor_id: str | None = attr()
+    created_at: datetime = attr(TIME)
+
+
+@dataclass(frozen=True)
+class Grant(Record):
+    """Credit that entered (or will enter) a balance, and what is left of it,
+    as of when it was read."""
+
+    schema_name: ClassVar[str] = "GrantOut"
+
+    id: str = attr(examples=["grant_5d2c8e1a9b7f4a3c6e0d1f2a"])
+    user_id: str = attr()
+    category: GrantCategory = attr()
+    amount_units: int = attr(UNITS)
+    remaining_units: int = attr(UNITS, description="What the grant can still give (unheld).")
+    held_units: int = attr(UNITS, description="Pinned by pending holds.")
+    priority: int = attr(description="0-100; lower is used first.")
+    effective_at: datetime = attr(TIME)
+    expires_at: datetime | None = attr(TIME)
+    voided_at: datetime | None = attr(TIME)
+    status: GrantStatus = attr()
+    reference: str | None = attr()
+    description: str | None = attr()
+    metadata: dict[str, str] = attr(METADATA)
+    transaction_id: str | None = attr(description="The entry that brought the grant in.")
     created_at: datetime = attr(TIME)
 
 

@@ -18,6 +18,9 @@ __all__ = [
     "credits_charged",
     "credits_refunded",
     "credits_topped_up",
+    "grant_created",
+    "grant_expired",
+    "grant_voided",
     "hold_captured",
     "hold_created",
     "hold_released",
@@ -33,6 +36,13 @@ hold_created = _signals.signal("hold-created")
 hold_captured = _signals.signal("hold-captured")
 hold_released = _signals.signal("hold-released")
 capture_failed = _signals.signal("capture-failed")
+#: A grant was created (``grant``: a :class:`~callora_credits.core.records.Grant`).
+grant_created = _signals.signal("grant-created")
+#: A grant's unheld remaining left the balance at its expiry (``grant``, ``entry``:
+#: the ``expiration`` entry, ``None`` when nothing was left).
+grant_expired = _signals.signal("grant-expired")
+#: A grant was voided (``grant``; ``entry``: the ``void`` entry, or ``None``).
+grant_voided = _signals.signal("grant-voided")
 #: The balance crossed ``CREDITS_LOW_BALANCE_USDC`` downwards.
 balance_low = _signals.signal("balance-low")
 #: The balance reached zero.

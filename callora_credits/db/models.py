@@ -90,9 +90,7 @@ class Account(Base):
     #: The sum of the account's scheduled grants, counted by the balance limit.
     scheduled_units: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     #: The ``number`` of the account's newest grant (creation order).
-    last_grant_number: Mapped[int] = mapped_column(
-        BigInteger, nullable=False, server_default="0"
-    )
+    last_grant_number: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
 
 class LedgerEntry(Base):
@@ -192,9 +190,7 @@ class AllocationRow(Base):
         UniqueConstraint("hold_id", "position"),
         Index("ix_credits_allocations_grant_id", "grant_id"),
         CheckConstraint("amount_units > 0", name="amount_positive"),
-        CheckConstraint(
-            "(entry_id IS NULL) <> (hold_id IS NULL)", name="entry_or_hold"
-        ),
+        CheckConstraint("(entry_id IS NULL) <> (hold_id IS NULL)", name="entry_or_hold"),
         _MARIADB_TABLE,
     )
 

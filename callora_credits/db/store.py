@@ -14,6 +14,7 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -26,7 +27,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
-from .models import Account, HoldRow, IdempotencyRecord, LedgerEntry, Timestamp
+from .models import Account, GrantRow, HoldRow, IdempotencyRecord, LedgerEntry, Timestamp
 from .prepared import PreparedStatement
 from .unit_of_work import RetryTransaction
 
@@ -39,7 +40,6 @@ __all__ = [
     "debit",
     "entries",
     "find_idempotency",
-    "held_units_expr",
     "holds",
     "idempotency",
     "insert_account_if_missing",
@@ -53,9 +53,10 @@ accounts: Table = Account.__table__  # type: ignore[assignment]
 holds: Table = HoldRow.__table__  # type: ignore[assignment]
 entries: Table = LedgerEntry.__table__  # type: ignore[assignment]
 idempotency: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
+_grants: Table = GrantRow.__table__  # type: ignore[assignment]
 
 
-def _unique(table: Table, *columns: str) -> UniqueConstraint:
+def unique_constraint(table: Table, *columns: str) -> UniqueConstraint:
     for constraint in table.constraints:
         if isinstance(constraint, UniqueConstraint) and [
             c.name for c in constraint.columns
@@ -65,8 +66,8 @@ def _unique(table: Table, *columns: str) -> UniqueConstraint:
 
 
 #: The unique constraints that make a reference credit (or hold) at most once.
-ENTRY_REFERENCE = _unique(entries, "user_id", "type", "reference")
-HOLD_REFERENCE = _unique(holds, "user_id", "reference")
+ENTRY_REFERENCE = unique_constraint(entries, "user_id", "type", "reference")
+HOLD_REFERENCE = unique_constraint(holds, "user_id", "reference")
 
 
 def _constraint_name(constraint: UniqueConstraint) -> str:
@@ -95,25 +96,6 @@ def violates(exc: DBAPIError, constraint: UniqueConstraint) -> bool:
     return str(orig) == f"UNIQUE constraint failed: {columns}"
 
 
-def held_units_expr(user_id: Any, now: datetime) -> ColumnElement[int]:
-    """Sum of the user's pending holds that have not expired at ``now``.
-
-    An expired hold stops counting the moment it expires: the comparison is
-    against ``now``, not against a status a sweeper would have to set.
-    """
-    return (
-        select(func.coalesce(func.sum(holds.c.amount_units), 0))
-        .where(
-            and_(
-                holds.c.user_id == user_id,
-                holds.c.status == "pending",
-                holds.c.expires_at > now,
-            )
-        )
-        .scalar_subquery()
-    )
-
-
 # The hot statements are built once, with bind parameters: building a
 # SQLAlchemy statement costs more CPU than sending it. Names of bind
 # parameters differ from column names, which UPDATE … VALUES reserves.
@@ -122,20 +104,63 @@ _P_NOW = bindparam("p_now", type_=Timestamp)
 _P_UNITS = bindparam("p_units", type_=accounts.c.balance_units.type)
 _P_LIMIT = bindparam("p_limit", type_=accounts.c.balance_units.type)
 
+
+def _grant_sum(expr: Any, *conditions: Any) -> Any:
+    return (
+        select(func.coalesce(func.sum(expr), 0))
+        .where(_grants.c.user_id == _P_USER, *conditions)
+        .scalar_subquery()
+    )
+
+
+_NEXT_EXPIRY_AT = (
+    select(func.min(_grants.c.expires_at))
+    .where(
+        _grants.c.user_id == _P_USER,
+        _grants.c.status == "active",
+        _grants.c.remaining_units > 0,
+    )
+    .scalar_subquery()
+)
+
 _BALANCE_ROW = PreparedStatement(
     select(
         accounts.c.user_id,
         accounts.c.balance_units,
         accounts.c.created_at,
         accounts.c.updated_at,
-        held_units_expr(_P_USER, _P_NOW).label("held_units"),  # type: ignore[arg-type]
+        accounts.c.next_due_at,
+        _grant_sum(_grants.c.held_units).label("held_units"),
+        _grant_sum(
+            _grants.c.remaining_units + _grants.c.held_units,
+            _grants.c.category == "paid",
+            _grants.c.status != "scheduled",
+        ).label("paid_units"),
+        _grant_sum(
+            _grants.c.remaining_units + _grants.c.held_units,
+            _grants.c.category == "promotional",
+            _grants.c.status != "scheduled",
+        ).label("promotional_units"),
+        _NEXT_EXPIRY_AT.label("next_expiry_at"),
+        _grant_sum(
+            _grants.c.remaining_units,
+            _grants.c.status == "active",
+            _grants.c.remaining_units > 0,
+            _grants.c.expires_at == _NEXT_EXPIRY_AT,
+        ).label("next_expiry_units"),
     ).where(accounts.c.user_id == _P_USER)
 )
 
 
 def balance_row(conn: Connection, user_id: str, now: datetime) -> Any:
-    """The account with its held units, in one statement; ``None`` if absent."""
+    """The account with its grants' figures as written, in one statement;
+    ``None`` if absent. Exact at ``now`` while ``next_due_at`` is later."""
     return _BALANCE_ROW.first(conn, {"p_user_id": user_id, "p_now": now})
+
+
+def account_row(conn: Connection, user_id: str) -> Any:
+    """The account row as written (no lock), or ``None``."""
+    return conn.execute(select(accounts).where(accounts.c.user_id == user_id)).first()
 
 
 def insert_account_if_missing(conn: Connection, user_id: str, now: datetime) -> None:
@@ -166,7 +191,13 @@ def _is_mysql(conn: Connection) -> bool:
 
 
 _LOCK_ACCOUNT = PreparedStatement(
-    select(accounts.c.balance_units, accounts.c.last_seq)
+    select(
+        accounts.c.balance_units,
+        accounts.c.last_seq,
+        accounts.c.next_due_at,
+        accounts.c.scheduled_units,
+        accounts.c.last_grant_number,
+    )
     .where(accounts.c.user_id == _P_USER)
     .with_for_update()
 )
@@ -180,9 +211,17 @@ def lock_account(conn: Connection, user_id: str) -> Any:
     return _LOCK_ACCOUNT.first(conn, {"p_user_id": user_id})
 
 
+def _nothing_due() -> ColumnElement[bool]:
+    return or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at > _P_NOW)
+
+
 _DEBIT = (
     update(accounts)
-    .where(accounts.c.user_id == _P_USER, accounts.c.balance_units >= _P_UNITS)
+    .where(
+        accounts.c.user_id == _P_USER,
+        accounts.c.balance_units >= _P_UNITS,
+        _nothing_due(),
+    )
     .values(
         balance_units=accounts.c.balance_units - _P_UNITS,
         last_seq=accounts.c.last_seq + 1,
@@ -200,7 +239,8 @@ def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[in
 
     One conditional relative update that also advances ``last_seq`` and locks
     the row. Returns ``(balance_after, seq)``, or ``None`` when the balance is
-    short or the account does not exist.
+    short, the account does not exist, or something is due on it (the caller
+    settles and tries again).
     """
     params = {"p_user_id": user_id, "p_units": units, "p_now": now}
     if not _is_mysql(conn):
@@ -213,9 +253,37 @@ def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[in
     return int(locked.balance_units), int(locked.last_seq)
 
 
+_P_DUE = bindparam("p_due", type_=Timestamp)
+_P_GRANTS = bindparam("p_grants", type_=accounts.c.last_grant_number.type)
+
+
+def _sooner_due() -> Any:
+    """The account's next due time, brought forward to ``p_due`` if sooner."""
+    return case(
+        (
+            and_(
+                _P_DUE.is_not(None),
+                or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at > _P_DUE),
+            ),
+            _P_DUE,
+        ),
+        else_=accounts.c.next_due_at,
+    )
+
+
+_CREDITED = (accounts.c.balance_units, accounts.c.last_seq, accounts.c.last_grant_number)
+
+
 def _upsert_credit(dialect_insert: Any) -> Any:
     ins = dialect_insert(accounts).values(
-        user_id=_P_USER, balance_units=_P_UNITS, last_seq=1, created_at=_P_NOW, updated_at=_P_NOW
+        user_id=_P_USER,
+        balance_units=_P_UNITS,
+        last_seq=1,
+        created_at=_P_NOW,
+        updated_at=_P_NOW,
+        next_due_at=_P_DUE,
+        scheduled_units=0,
+        last_grant_number=_P_GRANTS,
     )
     return ins.on_conflict_do_update(
         index_elements=[accounts.c.user_id],
@@ -223,9 +291,15 @@ def _upsert_credit(dialect_insert: Any) -> Any:
             "balance_units": accounts.c.balance_units + ins.excluded.balance_units,
             "last_seq": accounts.c.last_seq + 1,
             "updated_at": ins.excluded.updated_at,
+            "last_grant_number": accounts.c.last_grant_number + _P_GRANTS,
+            "next_due_at": _sooner_due(),
         },
-        where=accounts.c.balance_units + ins.excluded.balance_units <= _P_LIMIT,
-    ).returning(accounts.c.balance_units, accounts.c.last_seq)
+        where=and_(
+            accounts.c.balance_units + accounts.c.scheduled_units + ins.excluded.balance_units
+            <= _P_LIMIT,
+            _nothing_due(),
+        ),
+    ).returning(*_CREDITED)
 
 
 _UPSERT_CREDIT = {
@@ -234,28 +308,52 @@ _UPSERT_CREDIT = {
 }
 _CREDIT = PreparedStatement(
     update(accounts)
-    .where(accounts.c.user_id == _P_USER, accounts.c.balance_units + _P_UNITS <= _P_LIMIT)
+    .where(
+        accounts.c.user_id == _P_USER,
+        accounts.c.balance_units + accounts.c.scheduled_units + _P_UNITS <= _P_LIMIT,
+        _nothing_due(),
+    )
     .values(
         balance_units=accounts.c.balance_units + _P_UNITS,
         last_seq=accounts.c.last_seq + 1,
         updated_at=_P_NOW,
+        last_grant_number=accounts.c.last_grant_number + _P_GRANTS,
+        next_due_at=_sooner_due(),
     )
 )
 
 
 def credit(
-    conn: Connection, user_id: str, units: int, max_balance: int, now: datetime
-) -> tuple[int, int] | None:
+    conn: Connection,
+    user_id: str,
+    units: int,
+    max_balance: int,
+    now: datetime,
+    *,
+    grants: int = 0,
+    due: datetime | None = None,
+) -> tuple[int, int, int] | None:
     """Add ``units`` to the balance, creating the account if needed.
 
-    Returns ``(balance_after, seq)``, or ``None`` when the balance would pass
-    ``max_balance`` (the caller checks ``units <= max_balance`` first).
+    ``grants`` grant numbers are taken (the new grants' creation order) and
+    the next due time is brought forward to ``due``. Returns ``(balance_after,
+    seq, last_grant_number)``, or ``None`` when the balance and the scheduled
+    grants would pass ``max_balance`` (the caller checks ``units <=
+    max_balance`` first) or something is due on the account (the caller
+    settles and tries again).
     """
-    params = {"p_user_id": user_id, "p_units": units, "p_limit": max_balance, "p_now": now}
+    params = {
+        "p_user_id": user_id,
+        "p_units": units,
+        "p_limit": max_balance,
+        "p_now": now,
+        "p_due": due,
+        "p_grants": grants,
+    }
     if not _is_mysql(conn):
         upsert = _UPSERT_CREDIT[conn.dialect.name]
         row = upsert.first(conn, params)
-        return None if row is None else (int(row.balance_units), int(row.last_seq))
+        return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
     # MariaDB: a conditional update (which locks the row), then a locking read
     # that tells an absent account from one at its limit.
     applied = _CREDIT.rowcount(conn, params)
@@ -269,54 +367,29 @@ def credit(
                     last_seq=1,
                     created_at=now,
                     updated_at=now,
+                    next_due_at=due,
+                    scheduled_units=0,
+                    last_grant_number=grants,
                 )
             )
         except IntegrityError:
             # A concurrent first credit won; run again and take the update path.
             raise RetryTransaction() from None
-        return units, 1
+        return units, 1, grants
     # SQLAlchemy's MySQL dialects count matched rows (CLIENT.FOUND_ROWS), so
     # rowcount says whether the limit condition held.
-    return (int(locked.balance_units), int(locked.last_seq)) if applied == 1 else None
+    if applied != 1:
+        return None
+    return int(locked.balance_units), int(locked.last_seq), int(locked.last_grant_number)
 
 
 _ENTRY_COLUMNS = [column.name for column in entries.columns]
 _INSERT_ENTRY = PreparedStatement(insert(entries), column_keys=_ENTRY_COLUMNS)
-_GUARDED_INSERT_ENTRY = PreparedStatement(
-    insert(entries)
-    .from_select(
-        _ENTRY_COLUMNS,
-        select(
-            *[bindparam(f"v_{name}", type_=entries.c[name].type) for name in _ENTRY_COLUMNS]
-        ).where(
-            bindparam("v_balance_after_units", type_=entries.c.balance_after_units.type)
-            >= held_units_expr(
-                bindparam("v_user_id", type_=entries.c.user_id.type),
-                _P_NOW,  # type: ignore[arg-type]
-            )
-        ),
-    )
-    # rowcount of an INSERT is only kept on request (Connection.execute).
-    .execution_options(preserve_rowcount=True)
-)
 
 
-def insert_entry(
-    conn: Connection, values: dict[str, Any], *, require_available: datetime | None = None
-) -> bool:
-    """Insert a ledger row; ``False`` when the guard refused it.
-
-    With ``require_available=now``, the row is inserted only if its
-    ``balance_after_units`` still covers the user's live holds at ``now``: the
-    available-balance check of a debit, made in a new statement after the
-    debit locked the account, so it sees every hold committed before the lock.
-    """
-    if require_available is None:
-        _INSERT_ENTRY.rowcount(conn, values)
-        return True
-    params = {f"v_{name}": value for name, value in values.items()}
-    params["p_now"] = require_available
-    return _GUARDED_INSERT_ENTRY.rowcount(conn, params) == 1
+def insert_entry(conn: Connection, values: dict[str, Any]) -> None:
+    """Insert a ledger row."""
+    _INSERT_ENTRY.rowcount(conn, values)
 
 
 def entry_by_reference(conn: Connection, user_id: str, type_: str, reference: str) -> str | None:
@@ -399,24 +472,99 @@ def delete_expired_key(conn: Connection, key_hash: str, now: datetime) -> None:
     )
 
 
-def held_units(conn: Connection, user_id: str, now: datetime) -> int:
-    """Sum of the user's live holds, read after the account row is locked.
-
-    On MariaDB a locking read, so REPEATABLE READ's snapshot cannot hide a
-    hold committed before the lock was taken.
-    """
-    stmt = select(held_units_expr(user_id, now))
+def pending_holds_of(conn: Connection, user_id: str) -> list[Any]:
+    """Every hold of the user still marked pending, expired or not (read
+    after the account lock: a locking read on MariaDB)."""
+    stmt = select(holds.c.id, holds.c.created_at, holds.c.expires_at).where(
+        holds.c.user_id == user_id, holds.c.status == "pending"
+    )
     if _is_mysql(conn):
-        stmt = (
-            select(func.coalesce(func.sum(holds.c.amount_units), 0))
-            .where(
-                holds.c.user_id == user_id,
-                holds.c.status == "pending",
-                holds.c.expires_at > now,
-            )
-            .with_for_update(read=True)
+        stmt = stmt.with_for_update()
+    return list(conn.execute(stmt).all())
+
+
+def expire_hold(conn: Connection, hold_id: str, at: datetime) -> None:
+    """Mark a pending hold expired at its expiry (its pins went back)."""
+    conn.execute(
+        update(holds)
+        .where(holds.c.id == hold_id, holds.c.status == "pending")
+        .values(status="expired", resolved_at=at)
+    )
+
+
+def settle_account(
+    conn: Connection,
+    user_id: str,
+    *,
+    balance_units: int,
+    last_seq: int,
+    scheduled_units: int,
+    next_due_at: datetime | None,
+    now: datetime,
+) -> None:
+    """Write an account's figures after its due events (under its lock)."""
+    conn.execute(
+        update(accounts)
+        .where(accounts.c.user_id == user_id)
+        .values(
+            balance_units=balance_units,
+            last_seq=last_seq,
+            scheduled_units=scheduled_units,
+            next_due_at=next_due_at,
+            updated_at=now,
         )
-    return int(conn.execute(stmt).scalar_one())
+    )
+
+
+def bring_due_forward(conn: Connection, user_id: str, due: datetime) -> None:
+    """Make the account's next due time no later than ``due``."""
+    conn.execute(
+        update(accounts)
+        .where(
+            accounts.c.user_id == user_id,
+            or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at > due),
+        )
+        .values(next_due_at=due)
+    )
+
+
+def schedule(
+    conn: Connection, user_id: str, units: int, max_balance: int, due: datetime
+) -> int | None:
+    """Count a scheduled grant of ``units`` on the locked account: its number,
+    or ``None`` when the balance and the scheduled grants would pass
+    ``max_balance``."""
+    stmt = (
+        update(accounts)
+        .where(
+            accounts.c.user_id == user_id,
+            accounts.c.balance_units + accounts.c.scheduled_units + units <= max_balance,
+        )
+        .values(
+            scheduled_units=accounts.c.scheduled_units + units,
+            last_grant_number=accounts.c.last_grant_number + 1,
+            next_due_at=case(
+                (
+                    or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at > due),
+                    due,
+                ),
+                else_=accounts.c.next_due_at,
+            ),
+        )
+    )
+    if conn.execute(stmt).rowcount != 1:
+        return None
+    locked = lock_account(conn, user_id)
+    return int(locked.last_grant_number)
+
+
+def unschedule(conn: Connection, user_id: str, units: int) -> None:
+    """Stop counting a voided scheduled grant."""
+    conn.execute(
+        update(accounts)
+        .where(accounts.c.user_id == user_id)
+        .values(scheduled_units=accounts.c.scheduled_units - units)
+    )
 
 
 def insert_hold(conn: Connection, values: dict[str, Any]) -> None:
@@ -469,10 +617,12 @@ def pending_hold_rows(
     return list(conn.execute(stmt).all())
 
 
-def expire_holds(conn: Connection, now: datetime) -> int:
+def due_accounts(conn: Connection, now: datetime, limit: int) -> list[str]:
+    """Users with something due at ``now`` (oldest due first)."""
     stmt = (
-        update(holds)
-        .where(holds.c.status == "pending", holds.c.expires_at <= now)
-        .values(status="expired", resolved_at=now)
+        select(accounts.c.user_id)
+        .where(accounts.c.next_due_at <= now)
+        .order_by(accounts.c.next_due_at)
+        .limit(limit)
     )
-    return int(conn.execute(stmt).rowcount)
+    return [row.user_id for row in conn.execute(stmt).all()]
