@@ -140,6 +140,22 @@ def make_app(database_url: str, **config: Any) -> Flask:
     return app
 
 
+class Clock:
+    """A controllable UTC clock for the library."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+    def set(self, when: datetime) -> None:
+        self.now = when
+
+
 @pytest.fixture
 def app_config() -> dict[str, Any]:
     """Extra config for the ``app`` fixture; override in a test module."""

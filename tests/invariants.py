@@ -21,13 +21,21 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from callora_credits.core.records import Entry
-from callora_credits.db.models import Account, HoldRow, IdempotencyRecord, LedgerEntry
+from callora_credits.db.models import (
+    Account,
+    AllocationRow,
+    GrantRow,
+    HoldRow,
+    IdempotencyRecord,
+    LedgerEntry,
+)
 
 __all__ = [
     "Reply",
     "Snapshot",
     "account_problems",
     "asked_problems",
+    "grants_problems",
     "holds_problems",
     "ledger_problems",
     "replies_problems",
@@ -69,6 +77,8 @@ class Snapshot:
     entries: list[Any]
     idempotency_keys: int
     holds: list[Any] = field(default_factory=list)
+    grants: list[Any] = field(default_factory=list)
+    allocations: list[Any] = field(default_factory=list)
 
     @property
     def balance_units(self) -> int | None:
@@ -89,7 +99,14 @@ def snapshot(engine: Engine, user_id: str) -> Snapshot:
         holds = list(
             conn.execute(sa.select(h).where(h.c.user_id == user_id).order_by(h.c.created_at)).all()
         )
-    return Snapshot(accounts, entries, int(keys), holds)
+        g, al = GrantRow.__table__, AllocationRow.__table__
+        grants = list(
+            conn.execute(sa.select(g).where(g.c.user_id == user_id).order_by(g.c.number)).all()
+        )
+        allocations = list(
+            conn.execute(sa.select(al).where(al.c.user_id == user_id).order_by(al.c.id)).all()
+        )
+    return Snapshot(accounts, entries, int(keys), holds, grants, allocations)
 
 
 def _utc_naive(now: datetime | None) -> datetime:
@@ -105,7 +122,7 @@ def ledger_problems(engine: Engine, user_id: str, now: datetime | None = None) -
     (a test that moves it passes it here); default the real time.
     """
     snap = snapshot(engine, user_id)
-    return account_problems(snap) + holds_problems(snap, now)
+    return account_problems(snap) + holds_problems(snap, now) + grants_problems(snap)
 
 
 def holds_problems(snap: Snapshot, now: datetime | None = None) -> list[str]:
@@ -399,3 +416,91 @@ def asked_problems(row: Any, path: str, sent: dict[str, Any], by_id: dict[str, A
         for name, value in expected.items()
         if stored[name] != value
     ]
+
+
+DEBITS = ("charge", "hold_capture")
+GRANT_SOURCES = ("topup", "grant")
+
+
+def grants_problems(snap: Snapshot) -> list[str]:
+    """The grants agree with the balance, the ledger and the holds, as written:
+
+    - the balance is the sum of the non-scheduled grants' remaining + held;
+    - the grants' held parts are the pinned amounts of the pending holds, and
+      each pending hold pins exactly its amount;
+    - each grant's amount = remaining + held + what debits drew from it + what
+      its expiration/void entries took out − what refunds gave back to it
+      (a scheduled grant is whole and has no entry);
+    - each debit's allocations add up to its amount, each refund's to its
+      amount; each top-up, grant and positive adjustment entry brought in
+      exactly the grant it names, of its amount.
+    """
+    problems: list[str] = []
+    if len(snap.accounts) != 1:
+        return problems
+    balance = int(snap.accounts[0].balance_units)
+    grants = {g.id: g for g in snap.grants}
+    live = sum(
+        int(g.remaining_units) + int(g.held_units) for g in snap.grants if g.status != "scheduled"
+    )
+    if live != balance:
+        problems.append(f"balance {balance} != remaining + held of its grants {live}")
+    scheduled = sum(int(g.amount_units) for g in snap.grants if g.status == "scheduled")
+    if int(snap.accounts[0].scheduled_units) != scheduled:
+        problems.append(
+            f"scheduled_units {snap.accounts[0].scheduled_units} != scheduled grants {scheduled}"
+        )
+    by_entry: dict[str, list[Any]] = defaultdict(list)
+    by_hold: dict[str, list[Any]] = defaultdict(list)
+    for a in snap.allocations:
+        if a.entry_id is not None:
+            by_entry[a.entry_id].append(a)
+        else:
+            by_hold[a.hold_id].append(a)
+        if a.grant_id not in grants:
+            problems.append(f"allocation {a.id} names grant {a.grant_id} of no such user grant")
+    pending = [h for h in snap.holds if h.status == "pending"]
+    for h in snap.holds:
+        pinned = sum(int(a.amount_units) for a in by_hold.get(h.id, []))
+        if pinned != int(h.amount_units):
+            problems.append(f"hold {h.id} ({h.status}) pins {pinned} of {h.amount_units}")
+    held = sum(int(g.held_units) for g in snap.grants)
+    pending_held = sum(int(h.amount_units) for h in pending)
+    if held != pending_held:
+        problems.append(f"grants hold {held} but pending holds reserve {pending_held}")
+    taken: dict[str, int] = defaultdict(int)
+    for e in snap.entries:
+        amount = int(e.amount_units)
+        allocations = by_entry.get(e.id, [])
+        total = sum(int(a.amount_units) for a in allocations)
+        drawing = e.type in DEBITS or (e.type == "adjustment" and amount < 0)
+        if drawing or e.type == "refund":
+            if total != abs(amount):
+                problems.append(f"{e.type} {e.id} of {amount}: allocations sum to {total}")
+            sign = -1 if e.type == "refund" else 1
+            for a in allocations:
+                taken[a.grant_id] += sign * int(a.amount_units)
+        elif allocations:
+            problems.append(f"{e.type} {e.id} has allocations")
+        if e.type in ("expiration", "void"):
+            if e.grant_id not in grants:
+                problems.append(f"{e.type} {e.id} names no grant of the user")
+            taken[e.grant_id] += -amount
+        if e.type in GRANT_SOURCES or (e.type == "adjustment" and amount > 0):
+            grant = grants.get(e.grant_id)
+            if grant is None or grant.transaction_id != e.id or int(grant.amount_units) != amount:
+                problems.append(f"{e.type} {e.id} does not match the grant it names")
+    for g in snap.grants:
+        amount, remaining, held = int(g.amount_units), int(g.remaining_units), int(g.held_units)
+        if g.status == "scheduled":
+            if remaining != amount or held or taken.get(g.id):
+                problems.append(f"scheduled grant {g.id} is not whole")
+            continue
+        if amount != remaining + held + taken.get(g.id, 0):
+            problems.append(
+                f"grant {g.id}: amount {amount} != remaining {remaining} + held {held} "
+                f"+ taken out {taken.get(g.id, 0)}"
+            )
+        if g.status in ("expired", "voided") and remaining:
+            problems.append(f"{g.status} grant {g.id} still has {remaining} unheld")
+    return problems

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE, assert_error
+from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE, Clock, assert_error
 from flask import Flask
 from invariants import account_problems, ledger_problems, snapshot
 
@@ -57,22 +57,6 @@ U = 10_000_000  # units per USDC
 BASE = "/api/billing/credits"
 MISSING_HOLD = "hold_" + "0" * 24
 MISSING_ENTRY = "ctx_" + "0" * 24
-
-
-class Clock:
-    """A controllable UTC clock for the library."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-    def set(self, when: datetime) -> None:
-        self.now = when
 
 
 @pytest.fixture
