@@ -7,7 +7,6 @@ with its own version table, so it lives beside the host's own history.
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 
 from alembic import command
@@ -46,16 +45,17 @@ def include_name(name: str | None, type_: str, parent_names: object) -> bool:
 
 
 def migrations_path() -> Path:
-    """Where the migration scripts are, installed or in a source tree."""
-    try:
-        installed = Path(str(files("callora_credits.migrations")))
-    except ModuleNotFoundError:
-        installed = None
-    if installed is not None and (installed / "env.py").is_file():
-        return installed
-    source_tree = Path(__file__).resolve().parent.parent / "migrations"
-    if (source_tree / "env.py").is_file():
-        return source_tree
+    """Where the migration scripts are, installed or in a source tree.
+
+    Found beside the package's own files (``callora_credits/migrations`` in
+    a wheel, the top-level ``migrations/`` of a source tree), never through
+    the import system, which an editable install may point at another
+    checkout than the code running.
+    """
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "migrations", package.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
     raise RuntimeError("callora_credits: the migration scripts are missing from the install")
 
 
