@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from conftest import make_app, make_token
 from flask import Flask
 
-from callora_credits.db.models import Account
+from callora_credits.db.models import Account, GrantRow
 
 BASE = "/api/billing/credits"
 BALANCE_KEYS = {
@@ -24,6 +24,9 @@ BALANCE_KEYS = {
     "balance_usdc",
     "held_usdc",
     "available_usdc",
+    "paid_usdc",
+    "promotional_usdc",
+    "next_expiry",
     "created_at",
     "updated_at",
 }
@@ -48,7 +51,30 @@ def insert_account(app: Flask, user_id: str, units: int, at: datetime) -> None:
         with engine.begin() as conn:
             conn.execute(
                 sa.insert(Account.__table__).values(
-                    user_id=user_id, balance_units=units, last_seq=0, created_at=at, updated_at=at
+                    user_id=user_id,
+                    balance_units=units,
+                    last_seq=0,
+                    created_at=at,
+                    updated_at=at,
+                    last_grant_number=1,
+                )
+            )
+            # As the grants migration leaves a balance from before grants.
+            conn.execute(
+                sa.insert(GrantRow.__table__).values(
+                    id="grant_" + user_id[-12:].rjust(24, "0"),
+                    user_id=user_id,
+                    number=1,
+                    category="paid",
+                    origin="migration",
+                    amount_units=units,
+                    remaining_units=units,
+                    held_units=0,
+                    priority=50,
+                    effective_at=at,
+                    status="active",
+                    metadata_json="{}",
+                    created_at=at,
                 )
             )
 
@@ -86,6 +112,9 @@ def test_existing_balance(client, app, auth, user_id):
         "balance_usdc": "100.5000000",
         "held_usdc": "0.0000000",
         "available_usdc": "100.5000000",
+        "paid_usdc": "100.5000000",
+        "promotional_usdc": "0.0000000",
+        "next_expiry": None,
         "created_at": "2026-01-15T10:30:00.123456Z",
         "updated_at": "2026-01-15T10:30:00.123456Z",
     }

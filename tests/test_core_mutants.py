@@ -556,10 +556,13 @@ def test_pruning_removes_expired_keys_only(app, user_id):
 
 
 def test_the_reference_constraints_are_found_by_their_columns():
-    assert store._unique(store.entries, "user_id", "type", "reference") is store.ENTRY_REFERENCE
-    assert store._unique(store.holds, "user_id", "reference") is store.HOLD_REFERENCE
+    assert (
+        store.unique_constraint(store.entries, "user_id", "type", "reference")
+        is store.ENTRY_REFERENCE
+    )
+    assert store.unique_constraint(store.holds, "user_id", "reference") is store.HOLD_REFERENCE
     with pytest.raises(LookupError, match=r"^credits_transactions has no unique constraint on"):
-        store._unique(store.entries, "user_id", "reference", "type")
+        store.unique_constraint(store.entries, "user_id", "reference", "type")
     assert (
         store._constraint_name(store.ENTRY_REFERENCE)
         == "uq_credits_transactions_user_id_type_reference"
@@ -633,10 +636,10 @@ def test_a_credit_creates_adds_and_stops_at_the_limit(app, user_id):
     with app.app_context():
         engine = app.extensions["sqlalchemy"].engine
         with engine.begin() as conn:
-            assert store.credit(conn, user_id, 5, 10, NOW) == (5, 1)
-            assert store.credit(conn, user_id, 4, 10, NOW) == (9, 2)
+            assert store.credit(conn, user_id, 5, 10, NOW, grants=1) == (5, 1, 1)
+            assert store.credit(conn, user_id, 4, 10, NOW, grants=1) == (9, 2, 2)
             assert store.credit(conn, user_id, 2, 10, NOW) is None
-            assert store.credit(conn, user_id, 1, 10, NOW) == (10, 3)
+            assert store.credit(conn, user_id, 1, 10, NOW) == (10, 3, 2)
             assert store.debit(conn, user_id, 11, NOW) is None
             assert store.debit(conn, user_id, 10, NOW) == (0, 4)
             row = store.lock_account(conn, user_id)
@@ -659,12 +662,19 @@ def test_the_credit_upsert_statement_as_built(app, user_id):
         later = NOW + timedelta(seconds=5)
 
         def credit(conn: Any, units: int, limit: int, now: datetime) -> Any:
-            params = {"p_user_id": user_id, "p_units": units, "p_limit": limit, "p_now": now}
+            params = {
+                "p_user_id": user_id,
+                "p_units": units,
+                "p_limit": limit,
+                "p_now": now,
+                "p_due": None,
+                "p_grants": 1,
+            }
             return conn.execute(upsert, params).first()
 
         with engine.begin() as conn:
-            assert tuple(credit(conn, 5, 10, NOW)) == (5, 1)
-            assert tuple(credit(conn, 5, 10, later)) == (10, 2)
+            assert tuple(credit(conn, 5, 10, NOW)) == (5, 1, 1)
+            assert tuple(credit(conn, 5, 10, later)) == (10, 2, 2)
             assert credit(conn, 1, 10, later) is None
             row = conn.execute(
                 sa.select(store.accounts).where(store.accounts.c.user_id == user_id)

@@ -83,7 +83,7 @@ TOKENS = {
 }
 SETUPS = {"host-app", "app-without-credits", "continues"}
 ERROR_KEYS = {"code", "message", "requestId", "details"}
-MAPPED = re.compile(r"^(?:ctx|hold|req)_[0-9a-f]{24}$")
+MAPPED = re.compile(r"^(?:ctx|hold|req|grant)_[0-9a-f]{24}$")
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 

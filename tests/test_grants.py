@@ -267,9 +267,7 @@ def test_settle_grants_writes_everything_once(app, ledger, clock, user_id):
 # --- holds across expiry and void ---------------------------------------------------
 
 
-def test_a_capture_spends_a_grant_that_expired_and_the_rest_expires(
-    app, ledger, clock, user_id
-):
+def test_a_capture_spends_a_grant_that_expired_and_the_rest_expires(app, ledger, clock, user_id):
     ledger.top_up(user_id, 2 * U)
     promo = ledger.grant(user_id, 5 * U, expires_at=START + hours(1))
     hold = ledger.hold(user_id, 4 * U, expires_in_seconds=2 * 3600)
@@ -398,9 +396,7 @@ def test_bad_grants_change_nothing(app, ledger, clock, user_id):
     assert snapshot(engine_of(app), user_id) == before
 
 
-def test_entries_written_before_grants_are_refunded_into_a_paid_grant(
-    app, ledger, clock, user_id
-):
+def test_entries_written_before_grants_are_refunded_into_a_paid_grant(app, ledger, clock, user_id):
     # A charge from before grants existed has no allocations.
     ledger.top_up(user_id, 5 * U)
     charge = ledger.charge(user_id, 2 * U)
@@ -415,7 +411,9 @@ def test_entries_written_before_grants_are_refunded_into_a_paid_grant(
             sa.column("origin"),
         )
         conn.execute(
-            sa.update(g).where(g.c.user_id == user_id).values(amount_units=3 * U, origin="migration")
+            sa.update(g)
+            .where(g.c.user_id == user_id)
+            .values(amount_units=3 * U, origin="migration")
         )
     refund = ledger.refund(charge.id)
     assert len(refund.allocations) == 1

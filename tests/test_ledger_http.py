@@ -58,8 +58,8 @@ def test_top_up_returns_the_entry(client, admin, user_id):
     entry = response.json
     assert set(entry) == {
         "id", "user_id", "seq", "type", "amount_usdc", "balance_after_usdc", "reference",
-        "description", "metadata", "hold_id", "refund_of", "refunded_usdc", "actor_id",
-        "created_at",
+        "description", "metadata", "hold_id", "refund_of", "refunded_usdc", "grant_id",
+        "allocations", "actor_id", "created_at",
     }  # fmt: skip
     assert entry["id"].startswith("ctx_")
     assert (entry["type"], entry["seq"], entry["amount_usdc"]) == ("topup", 1, "12.5000000")

@@ -17,13 +17,24 @@ def test_walk_a_thousand_entries_while_new_ones_arrive(app, client, auth, user_i
         ledger = current_ledger()
         engine = ledger.engine
         with engine.begin() as conn:  # a long history, written directly and fast
+            from callora_credits.db.grant_rows import grants
             from callora_credits.db.store import accounts, entries
 
             now = ledger._now()
             conn.execute(
                 accounts.insert().values(
                     user_id=user_id, balance_units=1000, last_seq=1000,
-                    created_at=now, updated_at=now,
+                    created_at=now, updated_at=now, last_grant_number=1,
+                )
+            )  # fmt: skip
+            # As the grants migration leaves an older history: one paid grant.
+            conn.execute(
+                grants.insert().values(
+                    id=f"grant_{user_id[-12:]}", user_id=user_id, number=1,
+                    category="paid", origin="migration", amount_units=1000,
+                    remaining_units=1000, held_units=0, priority=50,
+                    effective_at=now, status="active", metadata_json="{}",
+                    created_at=now,
                 )
             )  # fmt: skip
             conn.execute(

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 
 from callora_credits import current_ledger
-from callora_credits.db import models, store
+from callora_credits.db import grant_rows, models, store
 from callora_credits.db.prepared import PreparedStatement
 
 NOW = datetime(2026, 1, 1, 12, 30, 15, 123456)
@@ -93,14 +93,14 @@ def test_the_fast_path_stays_off_connection_execute(engine, user_id, monkeypatch
 
     monkeypatch.setattr(Connection, "execute", spy)
     with engine.connect() as conn, conn.begin():
-        store.balance_row(conn, user_id, NOW)
+        store.balance_row(conn, user_id)
     assert calls == []
 
 
 def test_rows_have_names_and_engine_types(engine, user_id):
     with engine.connect() as conn, conn.begin():
         store.insert_account_if_missing(conn, user_id, NOW)
-        row = store.balance_row(conn, user_id, NOW)
+        row = store.balance_row(conn, user_id)
         reference = conn.execute(store._BALANCE_ROW.clause, {"p_user_id": user_id, "p_now": NOW})
         assert row == tuple(reference.one())
     assert row.user_id == user_id
@@ -126,7 +126,7 @@ def test_a_listener_sees_every_hot_statement(engine, listen_on, user_id):
     try:
         with engine.connect() as conn, conn.begin():
             store.insert_account_if_missing(conn, user_id, NOW)
-            store.balance_row(conn, user_id, NOW)
+            store.balance_row(conn, user_id)
     finally:
         event.remove(target, "before_cursor_execute", before)
     assert seen[-1] == store._BALANCE_ROW.sql(engine.dialect)
@@ -271,11 +271,11 @@ def test_schema_translate_map_applies_to_hot_statements(host, engine, tenant, se
         if set_on == "connection":
             conn.execution_options(schema_translate_map=translate)
         with conn.begin():
-            assert store.credit(conn, user_id, 10, 10**12, NOW) == (10, 1)
+            assert store.credit(conn, user_id, 10, 10**12, NOW) == (10, 1, 0)
             assert store.debit(conn, user_id, 3, NOW) == (7, 2)
             store.insert_idempotency(conn, idempotency_values(key, user_id))
             assert store.find_idempotency(conn, key) is not None
-            row = store.balance_row(conn, user_id, NOW)
+            row = store.balance_row(conn, user_id)
             assert row is not None
             assert int(row.balance_units) == 7
         # A statement that is never hot: it always honoured the map.
@@ -353,7 +353,7 @@ def read_failing(via: str, failure: str, user_id: str) -> Callable[[Connection],
         fairy = conn.connection
         fairy.dbapi_connection = FailingConnection(fairy.dbapi_connection, failure)
         if via == "library":
-            return store.balance_row(conn, user_id, NOW)
+            return store.balance_row(conn, user_id)
         params = {"p_user_id": user_id, "p_now": NOW}
         return conn.execute(store._BALANCE_ROW.clause, params).first()
 
@@ -376,7 +376,7 @@ def test_an_interrupt_invalidates_the_connection(host, via, during, user_id):
     # The interrupted connection never goes back to the pool.
     with engine.connect() as conn:
         assert conn.connection.dbapi_connection is not dbapi_connection
-        assert store.balance_row(conn, user_id, NOW) is None
+        assert store.balance_row(conn, user_id) is None
 
 
 @pytest.mark.parametrize("via", ["library", "Connection.execute"])
@@ -413,6 +413,15 @@ def read_balance(params: dict[str, Any], hot: bool) -> Callable[[Connection], An
     return call
 
 
+def read_grants(params: dict[str, Any], hot: bool) -> Callable[[Connection], Any]:
+    def call(conn: Connection) -> Any:
+        if hot:
+            return grant_rows._SPENDABLE_PLAIN.all(conn, params)
+        return conn.execute(grant_rows._SPENDABLE_PLAIN.clause, params).all()
+
+    return call
+
+
 def debit_with(extra: dict[str, Any], hot: bool) -> Callable[[Connection], Any]:
     user_id = f"user_{uuid.uuid4().hex[:12]}"
     params = {"p_user_id": user_id, "p_units": 0, "p_now": NOW, **extra}
@@ -430,8 +439,8 @@ def debit_with(extra: dict[str, Any], hot: bool) -> Callable[[Connection], Any]:
 
 
 BAD_PARAMETERS: dict[str, Callable[[bool], Callable[[Connection], Any]]] = {
-    "missing": lambda hot: read_balance({"p_user_id": "someone"}, hot),
-    "not a datetime": lambda hot: read_balance({"p_user_id": "someone", "p_now": "?"}, hot),
+    "missing": lambda hot: read_balance({}, hot),
+    "not a datetime": lambda hot: read_grants({"p_user_id": "someone", "p_now": "?"}, hot),
     # Connection.execute adds a parameter named after a column to an UPDATE's SET.
     "a column's name": lambda hot: debit_with({"created_at": datetime(2030, 1, 1)}, hot),
 }
@@ -444,7 +453,7 @@ def test_bind_errors_are_those_of_connection_execute(engine, case):
     assert hot == reference
     if case == "missing":
         assert hot[1] is StatementError
-        assert "A value is required for bind parameter 'p_now'" in hot[2]
+        assert "A value is required for bind parameter 'p_user_id'" in hot[2]
 
 
 def test_database_errors_are_those_of_connection_execute(engine, user_id):

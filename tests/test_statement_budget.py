@@ -55,9 +55,9 @@ def counting_calls(engine: Engine) -> Iterator[list[str]]:
         Connection.exec_driver_sql,
     )
 
-    def spy_run(self, conn, form, params, *, fetch):
+    def spy_run(self, conn, form, params, **kwargs: Any):
         _keep(statements, form.sql)
-        return run(self, conn, form, params, fetch=fetch)
+        return run(self, conn, form, params, **kwargs)
 
     def spy_execute(self, statement, *args: Any, **kwargs: Any):
         _keep(statements, str(statement.compile(dialect=self.dialect)))
@@ -89,8 +89,12 @@ def ledger(app):
         yield ledger
 
 
-def write_budget(engine_name: str) -> int:
-    return 4 if engine_name == "mysql" else 3
+def write_budget(engine_name: str, operation: str) -> int:
+    """A top-up (account, entry, its grant, the key) and a charge drawing
+    from one grant (account, grants read, the grant, entry, allocation, key);
+    MariaDB reads the account row back (no RETURNING)."""
+    budget = {"top_up": 4, "charge": 6}[operation]
+    return budget + 1 if engine_name == "mysql" else budget
 
 
 def test_balance_read_is_one_statement(ledger, counting, user_id):
@@ -104,14 +108,14 @@ def test_top_up_budget(ledger, counting, engine_name, user_id):
     ledger.top_up(user_id, 10)
     with counting(ledger.engine) as statements:
         ledger.top_up(user_id, 10)
-    assert len(statements) <= write_budget(engine_name), statements
+    assert len(statements) <= write_budget(engine_name, "top_up"), statements
 
 
 def test_charge_budget(ledger, counting, engine_name, user_id):
     ledger.top_up(user_id, 10)
     with counting(ledger.engine) as statements:
         ledger.charge(user_id, 3)
-    assert len(statements) <= write_budget(engine_name), statements
+    assert len(statements) <= write_budget(engine_name, "charge"), statements
 
 
 def test_history_page_is_one_statement(ledger, counting, user_id):

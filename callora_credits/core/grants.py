@@ -122,6 +122,8 @@ def draw(
     """What a debit of ``units`` takes from each grant, in order; ``None``
     when the grants' unheld remaining does not cover it. Changes nothing."""
     taken: list[tuple[GrantState, int]] = []
+    if units <= 0:  # nothing to draw (a negative amount never reaches here validated)
+        return taken
     left = units
     for grant in consumption_order(grants, now):
         if left == 0:

@@ -249,7 +249,7 @@ class Ledger:
     def settle_grants(self, *, batch: int = 100) -> int:
         """Write every due event (hold expiries, grant activations and
         expiries) of every account, one account per transaction; returns how
-        many entries were written.
+        many events were written.
 
         Reads are exact without it, and the next operation on an account
         writes what is due there first: this moves the history, the usage
@@ -269,17 +269,11 @@ class Ledger:
                 written += self._run(partial(self._settle_one, user_id, self._now()))
 
     def _settle_one(self, user_id: str, now: datetime, tx: Tx) -> int:
-        posting = Posting(tx, now, self.config, self.sender)
-        before = store.lock_account(tx.conn, user_id)
-        if before is None:
-            return 0
-        posting._lock(user_id)
-        after = store.lock_account(tx.conn, user_id)
-        return int(after.last_seq) - int(before.last_seq)
+        return Posting(tx, now, self.config, self.sender).settle(user_id)
 
     def expire_holds(self) -> int:
         """Write what fell due on every account (expired holds give their
-        pinned credit back): :meth:`settle_grants`. Returns the entries written.
+        pinned credit back): :meth:`settle_grants`. Returns the events written.
         """
         return self.settle_grants()
 

@@ -161,6 +161,13 @@ class Posting:
             account = store.lock_account(self.conn, user_id)
         return account
 
+    def settle(self, user_id: str) -> int:
+        """Write what fell due on the account; how many events."""
+        account = store.lock_account(self.conn, user_id)
+        if account is None or not self._due(account):
+            return 0
+        return self._settle(user_id, account)
+
     def _due(self, account: Any) -> bool:
         return account.next_due_at is not None and account.next_due_at <= self.now
 
@@ -172,14 +179,14 @@ class Posting:
         self._settle(user_id, account)
         return True
 
-    def _settle(self, user_id: str, account: Any) -> None:
+    def _settle(self, user_id: str, account: Any) -> int:
         def tell(name: str, **kwargs: Any) -> None:
             if name == "balance_moved":
                 self._balance_signals(user_id, kwargs["before"], kwargs["after"])
             else:
                 self._after_commit(getattr(signals, name), **kwargs)
 
-        settlement.settle(self.conn, user_id, account, self.now, new_id, tell)
+        return settlement.settle(self.conn, user_id, account, self.now, new_id, tell)
 
     # --- ledger entries ---------------------------------------------------------
 
@@ -721,10 +728,10 @@ class Posting:
         self._lock(user_id)
         row = store.hold_row(self.conn, op.hold_id, lock=True)
         assert row is not None
+        if row.status == "expired" or row.expires_at <= self.now:
+            raise HoldNotPending("The hold has expired")
         if row.status != "pending":
             raise HoldNotPending(f"The hold is already {row.status}")
-        if row.expires_at <= self.now:  # pragma: no cover - settled by _lock
-            raise HoldNotPending("The hold has expired")
         amount = int(row.amount_units)
         units = 0 if isinstance(op, Release) or op.amount_units is None else op.amount_units
         if isinstance(op, Capture) and op.amount_units is None:

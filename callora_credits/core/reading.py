@@ -40,7 +40,7 @@ def _due(account: Any, now: datetime) -> bool:
 
 def read_balance(conn: Connection, user_id: str, now: datetime) -> Balance | None:
     """The user's balance at ``now`` (naive UTC), or ``None``."""
-    row = store.balance_row(conn, user_id, now)
+    row = store.balance_row(conn, user_id)
     if row is None:
         return None
     if not _due(row, now):

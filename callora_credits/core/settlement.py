@@ -21,7 +21,7 @@ from .clock import utc
 from .grants import DueEvent, DueHold, GrantState, due_events, next_due
 from .records import Entry
 
-__all__ = ["Projection", "project", "settle"]
+__all__ = ["Projection", "project", "settle", "settle_all"]
 
 
 @dataclass
@@ -76,11 +76,12 @@ def settle(
     now: datetime,
     new_id: Callable[[str], str],
     after_commit: Callable[..., None],
-) -> list[Entry]:
+) -> int:
     """Write every event due at ``now`` on the locked ``account`` row.
 
     ``after_commit(signal_name, **kwargs)`` is told of the signals to send.
-    Returns the entries written, oldest first.
+    Returns how many events were due (a hold expiry whose pins all go back
+    to live grants writes no entry, but is one).
     """
     projection = project(conn, user_id, int(account.balance_units), now)
     balance = int(account.balance_units)
@@ -150,4 +151,22 @@ def settle(
     )
     if written:
         after_commit("balance_moved", before=int(account.balance_units), after=balance)
-    return written
+    return len(projection.events)
+
+
+def settle_all(conn: Connection, now: datetime, batch: int = 500) -> int:
+    """Write every event due at ``now`` (naive UTC) on every account, on one
+    connection (a migration's); no signals. Returns how many events."""
+    from .posting import new_id
+
+    total = 0
+    done: set[str] = set()
+    while True:
+        users = [user for user in store.due_accounts(conn, now, batch) if user not in done]
+        if not users:
+            return total
+        for user_id in users:
+            done.add(user_id)
+            account = store.lock_account(conn, user_id)
+            if account is not None and account.next_due_at is not None:
+                total += settle(conn, user_id, account, now, new_id, lambda *_, **__: None)

@@ -60,11 +60,17 @@ _SPENDABLE = select(grants).where(
 )
 
 
+_SPENDABLE_PLAIN = PreparedStatement(_SPENDABLE)
+_SPENDABLE_LOCKING = PreparedStatement(_SPENDABLE.with_for_update())
+
+
 def spendable_grants(conn: Connection, user_id: str, now: datetime) -> list[Any]:
     """The user's active grants with something unheld at ``now`` (read after
-    the account lock)."""
-    params = {"p_user_id": user_id, "p_now": now}
-    return list(conn.execute(_locking(conn, _SPENDABLE), params).all())
+    the account lock; a locking read on MariaDB, whose plain reads see the
+    transaction's snapshot)."""
+    mysql = conn.dialect.name in ("mysql", "mariadb")
+    stmt = _SPENDABLE_LOCKING if mysql else _SPENDABLE_PLAIN
+    return stmt.all(conn, {"p_user_id": user_id, "p_now": now})
 
 
 def live_grants(conn: Connection, user_id: str) -> list[Any]:
@@ -138,9 +144,15 @@ def set_grant(conn: Connection, grant_id: str, **values: Any) -> None:
     conn.execute(update(grants).where(grants.c.id == grant_id).values(**values))
 
 
+_ALLOCATION_COLUMNS = [column.name for column in allocations.columns if column.name != "id"]
+_INSERT_ALLOCATION = PreparedStatement(insert(allocations), column_keys=_ALLOCATION_COLUMNS)
+
+
 def insert_allocations(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Insert allocation rows (one statement)."""
-    if rows:
+    if len(rows) == 1:
+        _INSERT_ALLOCATION.rowcount(conn, rows[0])
+    elif rows:
         conn.execute(insert(allocations), list(rows))
 
 

@@ -248,6 +248,15 @@ class PreparedStatement:
                 return row
         return conn.execute(self.clause, params).first()
 
+    def all(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        """Every row (named tuples)."""
+        form = self._form(conn.dialect)
+        if form.direct and params.keys() == form.keys and _plain(conn, form.neutral):
+            rows = self._run(conn, form, params, fetch=True, many=True)
+            if rows is not _THROUGH_EXECUTE:
+                return list(rows)
+        return list(conn.execute(self.clause, params).all())
+
     def rowcount(self, conn: Connection, params: Mapping[str, Any]) -> int:
         """Run the statement; the number of rows it matched."""
         form = self._form(conn.dialect)
@@ -258,7 +267,13 @@ class PreparedStatement:
         return int(conn.execute(self.clause, params).rowcount)
 
     def _run(
-        self, conn: Connection, form: _Form, params: Mapping[str, Any], *, fetch: bool
+        self,
+        conn: Connection,
+        form: _Form,
+        params: Mapping[str, Any],
+        *,
+        fetch: bool,
+        many: bool = False,
     ) -> Any:
         try:
             values = form.parameters(params)
@@ -279,7 +294,9 @@ class PreparedStatement:
         except BaseException as error:
             _fail(conn, error, form.sql, values, cursor, sent=True)
         try:
-            if fetch:
+            if fetch and many:
+                raw = cursor.fetchall() if form.returns_rows else []
+            elif fetch:
                 raw = cursor.fetchone() if form.returns_rows else None
             else:
                 count = cursor.rowcount
@@ -289,6 +306,8 @@ class PreparedStatement:
         cursor.close()
         if not fetch:
             return count
+        if many:
+            return [form.row(item) for item in raw]
         return None if raw is None else form.row(raw)
 
 

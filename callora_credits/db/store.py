@@ -152,10 +152,10 @@ _BALANCE_ROW = PreparedStatement(
 )
 
 
-def balance_row(conn: Connection, user_id: str, now: datetime) -> Any:
+def balance_row(conn: Connection, user_id: str) -> Any:
     """The account with its grants' figures as written, in one statement;
     ``None`` if absent. Exact at ``now`` while ``next_due_at`` is later."""
-    return _BALANCE_ROW.first(conn, {"p_user_id": user_id, "p_now": now})
+    return _BALANCE_ROW.first(conn, {"p_user_id": user_id})
 
 
 def account_row(conn: Connection, user_id: str) -> Any:

@@ -49,6 +49,7 @@ ERROR_MEANINGS = {
     "NOT_FOUND": "the hold or ledger entry in the path does not exist.",
     "METHOD_NOT_ALLOWED": "the path does not accept this method.",
     "HOLD_NOT_PENDING": "the hold was already captured, released or has expired.",
+    "GRANT_NOT_ACTIVE": "the grant is already voided, expired or depleted.",
     "DUPLICATE_REFERENCE": "the user already has an entry of this type with this "
     "`reference`; `details[0].transaction_id` names it.",
     "IDEMPOTENCY_IN_PROGRESS": "a request with this key is still running; retry with "

@@ -119,14 +119,12 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     conn = op.get_bind()
-    try:
-        from callora_credits.db.settle import settle_all
-    except ImportError:
-        pass
-    else:
-        # Writes every event due by now (hold expiries, activations, expiries)
-        # with its ledger entry, so what is folded back is the balance of now.
-        settle_all(conn, _utcnow())
+    # Writes every event due by now (hold expiries, activations, expiries)
+    # with its ledger entry, so what is folded back is the balance of now.
+    # The library that ships this revision has the code that does it.
+    from callora_credits.core.settlement import settle_all
+
+    settle_all(conn, _utcnow())
     _fold_grant_entries_into_adjustments(conn)
     _drop_schema()
 
