@@ -293,6 +293,7 @@ class PreparedStatement:
             cursor.execute(form.sql, values)
         except BaseException as error:
             _fail(conn, error, form.sql, values, cursor, sent=True)
+        raw: Any = None
         try:
             if fetch and many:
                 raw = cursor.fetchall() if form.returns_rows else []
