@@ -35,8 +35,14 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from callora_credits import migrate
-from callora_credits.core.records import Entry
-from callora_credits.db.models import Account, HoldRow, IdempotencyRecord, LedgerEntry
+from callora_credits.core.records import Allocation, Entry
+from callora_credits.db.models import (
+    Account,
+    AllocationRow,
+    HoldRow,
+    IdempotencyRecord,
+    LedgerEntry,
+)
 
 from .app import DEFAULT_JWT_SECRET, create_app
 from .client import ClientConfig, client_main
@@ -656,6 +662,14 @@ def verify(
             }
             entries = list(conn.execute(sa.select(t).where(t.c.user_id.like(like))))
             holds = {r.id: r for r in conn.execute(sa.select(h).where(h.c.user_id.like(like)))}
+            al = AllocationRow.__table__
+            drawn: dict[str, list[Allocation]] = defaultdict(list)
+            for row in conn.execute(
+                sa.select(al)
+                .where(al.c.user_id.like(like), al.c.entry_id.is_not(None))
+                .order_by(al.c.entry_id, al.c.position)
+            ):
+                drawn[row.entry_id].append(Allocation(row.grant_id, int(row.amount_units)))
             stored: dict[str, list[Any]] = defaultdict(list)
             for row in conn.execute(sa.select(i).where(i.c.idempotency_key.like(like))):
                 stored[row.idempotency_key].append(row)
@@ -809,7 +823,7 @@ def verify(
             ):
                 continue
             assert row is not None
-            shown = Entry.from_row(row).as_json()
+            shown = Entry.from_row(row, allocations=tuple(drawn.get(row.id, ()))).as_json()
             differs = {
                 name: (data[name], shown[name])
                 for name in data
