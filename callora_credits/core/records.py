@@ -442,7 +442,8 @@ class Hold(Record):
     metadata: dict[str, str] = attr(METADATA)
 
     def as_of(self, now: datetime) -> Hold:
-        """The hold as read at ``now``: pending past its expiry reads ``expired``."""
+        """The hold as read at ``now``: pending past its expiry reads ``expired``
+        (resolved at its expiry), as it is once the expiry is written."""
         if self.status == "pending" and self.expires_at <= utc(now):
-            return replace(self, status="expired")
+            return replace(self, status="expired", resolved_at=self.expires_at)
         return self
