@@ -504,6 +504,11 @@ def grants_problems(snap: Snapshot) -> list[str]:
             if remaining != amount or held or taken.get(g.id):
                 problems.append(f"scheduled grant {g.id} is not whole")
             continue
+        if g.status == "voided" and g.transaction_id is None and g.origin == "grant":
+            # Voided while scheduled: it never entered the balance.
+            if remaining or held or taken.get(g.id):
+                problems.append(f"grant {g.id}, voided before it started, moved money")
+            continue
         if amount != remaining + held + taken.get(g.id, 0):
             problems.append(
                 f"grant {g.id}: amount {amount} != remaining {remaining} + held {held} "

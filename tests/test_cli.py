@@ -174,7 +174,7 @@ def test_counts_are_pluralised(fresh_app):
 
         t = Account.__table__
         with ledger.engine.begin() as conn:
-            conn.execute(sa.update(t).where(t.c.user_id == "pl_b").values(balance_units=1))
+            conn.execute(sa.update(t).where(t.c.user_id == "pl_b").values(last_seq=99))
         dirty = runner.invoke(args=["credits", "reconcile"])
         assert dirty.exit_code == 1
         assert dirty.output.splitlines()[-1] == "checked 2 accounts, 6 entries: 1 mismatch"

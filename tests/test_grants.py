@@ -62,8 +62,12 @@ def engine_of(app: Flask) -> Any:
 
 
 def exact(app: Flask, user_id: str, clock: Clock) -> None:
+    """The independent checks from the raw tables, and the library's own."""
     problems = ledger_problems(engine_of(app), user_id, clock.now)
     assert problems == [], "\n".join(problems)
+    with app.app_context():
+        report = current_ledger().reconcile(user_id)
+    assert report.ok, report.mismatches
 
 
 def entries(app: Flask, user_id: str) -> list[Any]:
@@ -424,3 +428,152 @@ def test_entries_written_before_grants_are_refunded_into_a_paid_grant(app, ledge
     with engine_of(app).connect() as conn:
         count = conn.execute(sa.select(sa.func.count()).where(t.c.user_id == user_id)).scalar()
     assert count == 3
+
+
+# --- reconcile sees what breaks the grants ----------------------------------------
+
+
+def _tamper(app: Flask, statement: Any) -> None:
+    with engine_of(app).begin() as conn:
+        conn.execute(statement)
+
+
+def test_reconcile_checks_the_grants(app, ledger, clock, user_id):
+    paid = ledger.top_up(user_id, 10 * U)
+    promo = ledger.grant(user_id, 5 * U)
+    charge = ledger.charge(user_id, 7 * U)
+    hold = ledger.hold(user_id, 2 * U)
+    exact(app, user_id, clock)
+    g = sa.table(
+        "credits_grants", sa.column("id"), sa.column("remaining_units"), sa.column("held_units")
+    )
+    al = sa.table(
+        "credits_allocations", sa.column("entry_id"), sa.column("hold_id"), sa.column("position")
+    )
+    h = sa.table("credits_holds", sa.column("id"), sa.column("status"))
+    cases = [
+        # A grant's remaining moved with no entry to explain it.
+        (
+            sa.update(g)
+            .where(g.c.id == paid.grant_id)
+            .values(remaining_units=g.c.remaining_units + 1),
+            sa.update(g)
+            .where(g.c.id == paid.grant_id)
+            .values(remaining_units=g.c.remaining_units - 1),
+            ["balance", "grant"],
+        ),
+        # A debit's allocation lost.
+        (
+            sa.delete(al).where(al.c.entry_id == charge.id, al.c.position == 1),
+            None,
+            ["allocations add up", "grant"],
+        ),
+    ]
+    for tamper, undo, words in cases:
+        _tamper(app, tamper)
+        report = ledger.reconcile(user_id)
+        text = " | ".join(m.problem for m in report.mismatches)
+        assert not report.ok
+        for word in words:
+            assert word in text, text
+        if undo is not None:
+            _tamper(app, undo)
+    # A pending hold whose pinned amount the grants no longer show.
+    _tamper(app, sa.update(h).where(h.c.id == hold.id).values(status="released"))
+    report = ledger.reconcile(user_id)
+    assert any("pending holds reserve" in m.problem for m in report.mismatches)
+    assert promo.id
+
+
+# --- concurrency while grants expire ------------------------------------------------
+
+
+def test_mixed_load_while_grants_expire(app, ledger, clock, user_id):
+    """Threads charge, hold, capture, release, refund, grant and void on one
+    user with several grants while the clock moves past their expiries."""
+    ledger.top_up(user_id, 40 * U)
+    for n in range(6):
+        ledger.grant(
+            user_id,
+            (n + 2) * U,
+            priority=(n * 37) % 101,
+            expires_at=START + timedelta(minutes=5 + 7 * n),
+            category="paid" if n % 3 == 0 else "promotional",
+        )
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    done: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with app.app_context():
+                mine = current_ledger()
+                for _ in range(25):
+                    kind = rng.choice(
+                        ["charge", "charge", "hold", "grant", "refund", "void", "tick"]
+                    )
+                    try:
+                        if kind == "charge":
+                            entry = mine.charge(user_id, rng.randint(1, 3 * U))
+                            with lock:
+                                done.append(entry.id)
+                        elif kind == "hold":
+                            hold = mine.hold(
+                                user_id,
+                                rng.randint(1, 2 * U),
+                                expires_in_seconds=rng.randint(30, 900),
+                            )
+                            if rng.random() < 0.5:
+                                mine.capture(hold.id, rng.randint(0, hold.amount_units))
+                            elif rng.random() < 0.5:
+                                mine.release(hold.id)
+                        elif kind == "grant":
+                            starts = clock.now + timedelta(minutes=rng.randint(0, 3))
+                            try:
+                                mine.grant(
+                                    user_id,
+                                    rng.randint(1, 2 * U),
+                                    effective_at=starts,
+                                    expires_at=starts + timedelta(minutes=rng.randint(3, 20)),
+                                )
+                            except ValidationError as exc:
+                                # Another thread moved the clock past it meanwhile.
+                                if exc.details[0]["field"] != "expires_at":
+                                    raise
+                        elif kind == "refund":
+                            with lock:
+                                target = rng.choice(done) if done else None
+                            if target is not None:
+                                mine.refund(target, 1)
+                        elif kind == "void":
+                            page = mine.grants(user_id)
+                            if page.items:
+                                mine.void_grant(rng.choice(page.items).id)
+                        else:
+                            with lock:
+                                clock.advance(rng.randint(10, 120))
+                    except (InsufficientCredits, GrantNotActive):
+                        pass
+                    except Exception as exc:  # a refund past what is left, a hold gone
+                        if type(exc).__name__ not in (
+                            "RefundExceedsCharge",
+                            "HoldNotPending",
+                            "BalanceLimitExceeded",
+                        ):
+                            raise
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [], errors
+    clock.advance(3600)
+    ledger.settle_grants()
+    exact(app, user_id, clock)
+    balance = ledger.find_by_user_id(user_id)
+    assert balance.balance_units >= 0
+    assert balance.paid_units + balance.promotional_units == balance.balance_units

@@ -213,7 +213,9 @@ class GrantMoves(Moves):
         entry = None
         if grant.status == "scheduled":
             store.unschedule(self.conn, user_id, grant.amount_units)
-            grant_rows.set_grant(self.conn, grant.id, status="voided", voided_at=self.now)
+            grant_rows.set_grant(
+                self.conn, grant.id, status="voided", voided_at=self.now, remaining_units=0
+            )
         else:
             units = grant.remaining_units
             grant_rows.set_grant(
