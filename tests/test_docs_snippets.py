@@ -35,7 +35,7 @@ further status before the next command must say it is not replayed with
 ``<!-- snippet: illustration -->``.
 The status must match, every header shown must be there (a request id in the
 right form), and the JSON body must match in shape and value, except that ids
-(``ctx_…``, ``hold_…``, ``req_…``) and ``next_cursor`` stand for the real ones
+(``ctx_…``, ``hold_…``, ``grant_…``, ``req_…``) and ``next_cursor`` stand for the real ones
 (the first response that shows one maps it, and later commands and bodies use
 the mapping) and timestamps are checked for their form only.
 
@@ -83,7 +83,7 @@ TOKENS = {
 }
 SETUPS = {"host-app", "app-without-credits", "continues"}
 ERROR_KEYS = {"code", "message", "requestId", "details"}
-MAPPED = re.compile(r"^(?:ctx|hold|req)_[0-9a-f]{24}$")
+MAPPED = re.compile(r"^(?:ctx|hold|grant|req)_[0-9a-f]{24}$")
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 

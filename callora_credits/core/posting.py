@@ -462,7 +462,12 @@ class Posting:
         return entry
 
     def _leave(
-        self, op: Operation | None, grant: GrantState, units: int, hold_id: str | None = None
+        self,
+        op: Operation | None,
+        grant: GrantState,
+        units: int,
+        hold_id: str | None = None,
+        description: str | None = None,
     ) -> Entry:
         """``units`` given back to a dead grant leave the balance at once."""
         moved = store.debit(self.conn, grant.user_id, units, self.now)
@@ -473,7 +478,7 @@ class Posting:
             grant.leave_type(),
             -units,
             moved,
-            None,
+            description,
             grant_id=grant.id,
             metadata={},
             hold_id=hold_id,
@@ -659,7 +664,7 @@ class Posting:
             )
             grant.status = "voided"
             if units:
-                entry = self._leave(op, grant, units)
+                entry = self._leave(op, grant, units, description=op.reason)
         row = grant_rows.grant_row(self.conn, op.grant_id)
         voided = grant_record(row, GrantState.from_row(row))
         self._after_commit(signals.grant_voided, grant=voided, entry=entry)
