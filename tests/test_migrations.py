@@ -6,9 +6,12 @@ leaves it empty again, so the order of tests does not matter.
 
 from __future__ import annotations
 
+import importlib.util
 import pprint
+import re
+import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -22,7 +25,14 @@ from conftest import Databases, make_app
 from sqlalchemy.engine import Engine
 
 from callora_credits import include_name, migrate
-from callora_credits.db.models import Account, metadata
+from callora_credits.db.models import (
+    Account,
+    AllocationRow,
+    GrantRow,
+    HoldRow,
+    LedgerEntry,
+    metadata,
+)
 
 DATA_TABLES = frozenset(metadata.tables)
 
@@ -312,3 +322,447 @@ def test_cli_db_upgrade_current_downgrade(empty_url):
     finally:
         with app.app_context():
             app.extensions["sqlalchemy"].engine.dispose()
+
+
+# --- 0002: balances become grants, and back ----------------------------------
+
+LEDGER = LedgerEntry.__table__
+HOLDS = HoldRow.__table__
+GRANTS = GrantRow.__table__
+ALLOCATIONS = AllocationRow.__table__
+GRANT_TABLES = {GRANTS.name, ALLOCATIONS.name}
+
+
+def _migration_module(name: str) -> Any:
+    """A shipped revision script, loaded from where Alembic loads it."""
+    path = migrate.migrations_path() / "versions" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"credits_revision_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _entry(
+    user_id: str, seq: int, type_: str, amount: int, balance_after: int, **fields: Any
+) -> dict[str, Any]:
+    return {
+        "id": f"ctx_{uuid.uuid4().hex[:24]}",
+        "user_id": user_id,
+        "seq": seq,
+        "type": type_,
+        "amount_units": amount,
+        "balance_after_units": balance_after,
+        "reference": None,
+        "description": None,
+        "metadata_json": "{}",
+        "hold_id": None,
+        "refund_of": None,
+        "refunded_units": 0,
+        "actor_id": None,
+        "created_at": _now(),
+        **fields,
+    }
+
+
+def _hold(user_id: str, status: str, amount: int, expires_at: datetime) -> dict[str, Any]:
+    created = _now() - timedelta(hours=3)
+    return {
+        "id": f"hold_{uuid.uuid4().hex[:24]}",
+        "user_id": user_id,
+        "status": status,
+        "amount_units": amount,
+        "captured_units": amount if status == "captured" else 0,
+        "expires_at": expires_at,
+        "created_at": created,
+        "resolved_at": None if status == "pending" else created + timedelta(minutes=1),
+        "transaction_id": None,
+        "reference": None,
+        "metadata_json": "{}",
+        "actor_id": None,
+    }
+
+
+def _grant_row(user_id: str, number: int, amount: int, **fields: Any) -> dict[str, Any]:
+    row = {
+        "id": f"grant_{uuid.uuid4().hex[:24]}",
+        "user_id": user_id,
+        "number": number,
+        "category": "paid",
+        "origin": "topup",
+        "amount_units": amount,
+        "remaining_units": amount,
+        "held_units": 0,
+        "priority": 50,
+        "effective_at": _now() - timedelta(days=2),
+        "expires_at": None,
+        "voided_at": None,
+        "status": "active",
+        "reference": None,
+        "description": None,
+        "metadata_json": "{}",
+        "transaction_id": None,
+        "actor_id": None,
+        "created_at": _now() - timedelta(days=2),
+    }
+    row.update(fields)
+    return row
+
+
+def _rows(engine: Engine, table: sa.Table, *order_by: str) -> list[dict[str, Any]]:
+    """Every row of ``table``, with the columns the database has now."""
+    reflected = sa.Table(table.name, sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        result = conn.execute(
+            sa.select(reflected).order_by(*(reflected.c[name] for name in order_by))
+        )
+        return [dict(row._mapping) for row in result]
+
+
+def _balances(engine: Engine) -> dict[str, int]:
+    return {row["user_id"]: row["balance_units"] for row in _rows(engine, Account.__table__)}
+
+
+def _ledger_sums(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        result = conn.execute(
+            sa.select(LEDGER.c.user_id, sa.func.sum(LEDGER.c.amount_units)).group_by(
+                LEDGER.c.user_id
+            )
+        )
+        return {user_id: int(total) for user_id, total in result}
+
+
+def _schema(engine: Engine) -> dict[str, Any]:
+    """Tables, columns (in order), keys, indexes and CHECKs, as reflected."""
+    inspector = sa.inspect(engine)
+    schema: dict[str, Any] = {}
+    for table in sorted(set(inspector.get_table_names()) - {migrate.VERSION_TABLE}):
+        schema[table] = {
+            "columns": [
+                (column["name"], str(column["type"]), column["nullable"], column["default"])
+                for column in inspector.get_columns(table)
+            ],
+            "primary_key": inspector.get_pk_constraint(table),
+            "unique": sorted(
+                (unique["name"], tuple(unique["column_names"]))
+                for unique in inspector.get_unique_constraints(table)
+            ),
+            "indexes": sorted(
+                (index["name"], tuple(index["column_names"]), index["unique"])
+                for index in inspector.get_indexes(table)
+            ),
+            "checks": sorted(
+                (check["name"], check["sqltext"])
+                for check in inspector.get_check_constraints(table)
+            ),
+        }
+    return schema
+
+
+def test_upgrade_turns_balances_into_grants_and_pins_live_holds(empty_engine, user_id):
+    migrate.upgrade(empty_engine, "0001")
+    now = _now()
+    zero, plain, held, stale = (f"{user_id}_{name}" for name in ("zero", "plain", "held", "stale"))
+    accounts = [_account(zero, 0), _account(plain, 100), _account(held, 500), _account(stale, 30)]
+    for number, account in enumerate(accounts):
+        account["created_at"] = now - timedelta(days=10 - number, microseconds=123)
+    expired_on_zero = _hold(zero, "pending", 3, now - timedelta(hours=2))
+    live_late = _hold(held, "pending", 100, now + timedelta(hours=2))
+    live_soon = _hold(held, "pending", 50, now + timedelta(hours=1))
+    expired_on_held = _hold(held, "pending", 70, now - timedelta(hours=1))
+    released = _hold(held, "released", 20, now + timedelta(hours=1))
+    captured = _hold(plain, "captured", 10, now + timedelta(hours=1))
+    expired_on_stale = _hold(stale, "pending", 20, now - timedelta(minutes=1))
+    all_holds = [
+        expired_on_zero,
+        live_late,
+        live_soon,
+        expired_on_held,
+        released,
+        captured,
+        expired_on_stale,
+    ]
+    entries = [
+        _entry(zero, 1, "topup", 10, 10),
+        _entry(zero, 2, "charge", -10, 0),
+        _entry(plain, 1, "topup", 110, 110),
+        _entry(plain, 2, "hold_capture", -10, 100, hold_id=captured["id"]),
+        _entry(held, 1, "topup", 600, 600, reference="pay_1"),
+        _entry(held, 2, "charge", -100, 500),
+        _entry(stale, 1, "adjustment", 30, 30),
+    ]
+    with empty_engine.begin() as conn:
+        conn.execute(Account.__table__.insert(), accounts)
+        conn.execute(HOLDS.insert(), all_holds)
+        conn.execute(LEDGER.insert(), entries)
+
+    before = _now()
+    migrate.upgrade(empty_engine)
+    after = _now()
+
+    assert migrate.current(empty_engine) == "0002"
+    _assert_matches_models(empty_engine)
+
+    holds_after = {row["id"]: row for row in _rows(empty_engine, HOLDS, "id")}
+    for hold in (expired_on_zero, expired_on_held, expired_on_stale):
+        assert holds_after[hold["id"]]["status"] == "expired"
+        assert holds_after[hold["id"]]["resolved_at"] == hold["expires_at"]
+    for hold in (live_late, live_soon, released, captured):
+        assert holds_after[hold["id"]]["status"] == hold["status"]
+        assert holds_after[hold["id"]]["resolved_at"] == hold["resolved_at"]
+
+    grants = {row["user_id"]: row for row in _rows(empty_engine, GRANTS, "user_id")}
+    assert set(grants) == {plain, held, stale}
+    created = {account["user_id"]: account["created_at"] for account in accounts}
+    expected_parts = {plain: (100, 100, 0), held: (500, 350, 150), stale: (30, 30, 0)}
+    for owner, grant in grants.items():
+        assert re.fullmatch(r"grant_[0-9a-f]{24}", grant["id"]), grant["id"]
+        assert before <= grant.pop("created_at") <= after
+        amount, remaining, pinned = expected_parts[owner]
+        assert grant == {
+            "id": grant["id"],
+            "user_id": owner,
+            "number": 1,
+            "category": "paid",
+            "origin": "migration",
+            "amount_units": amount,
+            "remaining_units": remaining,
+            "held_units": pinned,
+            "priority": 50,
+            "effective_at": created[owner],
+            "expires_at": None,
+            "voided_at": None,
+            "status": "active",
+            "reference": None,
+            "description": None,
+            "metadata_json": "{}",
+            "transaction_id": None,
+            "actor_id": None,
+        }
+
+    pins = _rows(empty_engine, ALLOCATIONS, "amount_units")
+    assert [{key: pin[key] for key in pin if key != "id"} for pin in pins] == [
+        {
+            "user_id": held,
+            "entry_id": None,
+            "hold_id": hold["id"],
+            "position": 0,
+            "grant_id": grants[held]["id"],
+            "amount_units": hold["amount_units"],
+        }
+        for hold in (live_soon, live_late)
+    ]
+
+    account_columns = {
+        row["user_id"]: (row["last_grant_number"], row["scheduled_units"], row["next_due_at"])
+        for row in _rows(empty_engine, Account.__table__)
+    }
+    assert account_columns == {
+        zero: (0, 0, None),
+        plain: (1, 0, None),
+        held: (1, 0, live_soon["expires_at"]),
+        stale: (1, 0, None),
+    }
+
+    balances = _balances(empty_engine)
+    assert balances == {zero: 0, plain: 100, held: 500, stale: 30}
+    assert _ledger_sums(empty_engine) == balances
+    for owner, grant in grants.items():
+        assert grant["remaining_units"] + grant["held_units"] == balances[owner]
+    assert {row["grant_id"] for row in _rows(empty_engine, LEDGER)} == {None}
+
+
+def test_upgrade_reads_accounts_in_batches(empty_engine, user_id):
+    batch_size = _migration_module("0002_grants").BATCH_SIZE
+    migrate.upgrade(empty_engine, "0001")
+    count = 2 * batch_size + 1
+    users = [f"{user_id}_{number:05d}" for number in range(count)]
+    with empty_engine.begin() as conn:
+        conn.execute(
+            Account.__table__.insert(),
+            [_account(user, number + 1) for number, user in enumerate(users)],
+        )
+
+    migrate.upgrade(empty_engine)
+
+    grants = _rows(empty_engine, GRANTS, "user_id")
+    assert [(row["user_id"], row["number"]) for row in grants] == [(user, 1) for user in users]
+    assert [row["amount_units"] for row in grants] == list(range(1, count + 1))
+    assert len({row["id"] for row in grants}) == count
+
+
+def test_upgrade_refuses_holds_beyond_the_balance(empty_engine, user_id):
+    migrate.upgrade(empty_engine, "0001")
+    overheld = f"{user_id}_overheld"
+    with empty_engine.begin() as conn:
+        conn.execute(
+            Account.__table__.insert(), [_account(overheld, 10), _account(f"{user_id}_ok", 5)]
+        )
+        conn.execute(
+            HOLDS.insert(),
+            [
+                _hold(overheld, "pending", 8, _now() + timedelta(hours=1)),
+                _hold(overheld, "pending", 7, _now() + timedelta(hours=1)),
+                # An expired hold counts no more: on its own it would fit.
+                _hold(f"{user_id}_ok", "pending", 50, _now() - timedelta(hours=1)),
+            ],
+        )
+    schema_at_0001 = _schema(empty_engine)
+
+    with pytest.raises(RuntimeError, match=rf"user '{overheld}': 15 units held, balance 10"):
+        migrate.upgrade(empty_engine)
+
+    assert migrate.current(empty_engine) == "0001"
+    assert _schema(empty_engine) == schema_at_0001
+    assert {row["status"] for row in _rows(empty_engine, HOLDS)} == {"pending"}
+
+
+def test_downgrade_folds_grant_entries_into_adjustments(empty_engine, user_id):
+    migrate.upgrade(empty_engine, "0001")
+    schema_at_0001 = _schema(empty_engine)
+    migrate.upgrade(empty_engine)
+    now = _now()
+    first, second = f"{user_id}_first", f"{user_id}_second"
+
+    live_hold = _hold(first, "pending", 40, now + timedelta(hours=1))
+    topup_grant = _grant_row(first, 1, 120, remaining_units=60, held_units=40)
+    promo = _grant_row(
+        first,
+        2,
+        50,
+        category="promotional",
+        origin="grant",
+        remaining_units=0,
+        expires_at=now - timedelta(days=1),
+        status="expired",
+        reference="promo-1",
+    )
+    voided = _grant_row(
+        second,
+        1,
+        40,
+        category="promotional",
+        origin="grant",
+        remaining_units=0,
+        voided_at=now - timedelta(hours=1),
+        status="voided",
+        reference="welcome",
+    )
+    bought = _grant_row(second, 2, 10)
+    scheduled = _grant_row(
+        second,
+        3,
+        25,
+        category="promotional",
+        origin="grant",
+        effective_at=now + timedelta(days=7),
+        status="scheduled",
+    )
+    first_entries = [
+        _entry(first, 1, "topup", 120, 120, grant_id=topup_grant["id"]),
+        _entry(first, 2, "adjustment", -20, 100, reference="promo-1"),
+        _entry(first, 3, "grant", 50, 150, grant_id=promo["id"], reference="promo-1"),
+        _entry(first, 4, "charge", -30, 120),
+        _entry(first, 5, "expiration", -20, 100, grant_id=promo["id"]),
+    ]
+    second_entries = [
+        _entry(second, 1, "grant", 40, 40, grant_id=voided["id"], reference="welcome"),
+        _entry(second, 2, "topup", 10, 50, grant_id=bought["id"]),
+        _entry(second, 3, "void", -40, 10, grant_id=voided["id"], reference="welcome"),
+    ]
+    for grant, entry in ((topup_grant, 0), (promo, 2)):
+        grant["transaction_id"] = first_entries[entry]["id"]
+    for grant, entry in ((voided, 0), (bought, 1)):
+        grant["transaction_id"] = second_entries[entry]["id"]
+    accounts = [
+        {
+            **_account(first, 100),
+            "last_seq": 5,
+            "last_grant_number": 2,
+            "scheduled_units": 0,
+            "next_due_at": live_hold["expires_at"],
+        },
+        {
+            **_account(second, 10),
+            "last_seq": 3,
+            "last_grant_number": 3,
+            "scheduled_units": 25,
+            "next_due_at": scheduled["effective_at"],
+        },
+    ]
+    draws = [
+        {"entry_id": first_entries[1]["id"], "grant_id": topup_grant["id"], "amount_units": 20},
+        {"entry_id": first_entries[3]["id"], "grant_id": promo["id"], "amount_units": 30},
+        {"hold_id": live_hold["id"], "grant_id": topup_grant["id"], "amount_units": 40},
+    ]
+    with empty_engine.begin() as conn:
+        conn.execute(Account.__table__.insert(), accounts)
+        conn.execute(GRANTS.insert(), [topup_grant, promo, voided, bought, scheduled])
+        conn.execute(
+            LEDGER.insert(),
+            [{"grant_id": None, **entry} for entry in first_entries + second_entries],
+        )
+        conn.execute(HOLDS.insert(), [live_hold])
+        conn.execute(
+            ALLOCATIONS.insert(),
+            [
+                {"user_id": first, "entry_id": None, "hold_id": None, "position": 0, **draw}
+                for draw in draws
+            ],
+        )
+    balances = _balances(empty_engine)
+    assert balances == {first: 100, second: 10}
+    assert _ledger_sums(empty_engine) == balances
+
+    migrate.downgrade(empty_engine, "0001")
+
+    assert migrate.current(empty_engine) == "0001"
+    assert _tables(empty_engine) & GRANT_TABLES == set()
+    assert _schema(empty_engine) == schema_at_0001
+    ledger = _rows(empty_engine, LEDGER, "user_id", "seq")
+    assert [
+        (row["user_id"], row["seq"], row["type"], row["amount_units"], row["reference"])
+        for row in ledger
+    ] == [
+        (first, 1, "topup", 120, None),
+        (first, 2, "adjustment", -20, "promo-1"),
+        # The adjustment above keeps the reference both had.
+        (first, 3, "adjustment", 50, None),
+        (first, 4, "charge", -30, None),
+        (first, 5, "adjustment", -20, None),
+        (second, 1, "adjustment", 40, "welcome"),
+        (second, 2, "topup", 10, None),
+        # The earlier converted entry keeps it.
+        (second, 3, "adjustment", -40, None),
+    ]
+    assert _balances(empty_engine) == balances
+    assert _ledger_sums(empty_engine) == balances
+    assert [(row["id"], row["status"]) for row in _rows(empty_engine, HOLDS)] == [
+        (live_hold["id"], "pending")
+    ]
+    # The restored CHECK refuses the grant-era types again.
+    with pytest.raises(_check_violation(empty_engine)), empty_engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO credits_transactions (id, user_id, seq, type, amount_units,"
+                " balance_after_units, metadata_json, refunded_units, created_at)"
+                " VALUES ('ctx_refused', :user_id, 6, 'grant', 1, 101, '{}', 0, :now)"
+            ),
+            {"user_id": first, "now": now},
+        )
+
+    migrate.upgrade(empty_engine)
+
+    assert migrate.current(empty_engine) == migrate.head()
+    _assert_matches_models(empty_engine)
+    grants = {row["user_id"]: row for row in _rows(empty_engine, GRANTS)}
+    assert {
+        owner: (row["origin"], row["amount_units"], row["remaining_units"], row["held_units"])
+        for owner, row in grants.items()
+    } == {first: ("migration", 100, 60, 40), second: ("migration", 10, 10, 0)}
+    assert [
+        (row["hold_id"], row["grant_id"], row["amount_units"])
+        for row in _rows(empty_engine, ALLOCATIONS)
+    ] == [(live_hold["id"], grants[first]["id"], 40)]
