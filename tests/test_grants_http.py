@@ -265,7 +265,9 @@ def test_bad_top_up_grant_fields_are_400_and_change_nothing(
         ({"effective_at": "tomorrow"}, "effective_at"),
         ({"effective_at": "2026-06-02T12:00:00"}, "effective_at"),  # no offset
         ({"expires_at": "2026-06-08"}, "expires_at"),
-        ({"expires_at": "2026-W23-1T00:00:00Z"}, "expires_at"),
+        ({"expires_at": "2026-W30-1T00:00:00Z"}, "expires_at"),  # a week date
+        ({"expires_at": "20260720T000000Z"}, "expires_at"),  # the basic format
+        ({"expires_at": "2026-07-20X00:00:00Z"}, "expires_at"),
         ({"expires_at": "2026-06-08T25:00:00Z"}, "expires_at"),
         ({"expires_at": "2026-06-08T12:00:00+24:00"}, "expires_at"),
         ({"expires_at": 1790000000}, "expires_at"),
