@@ -230,14 +230,70 @@ def reconcile(user_id: str | None) -> None:
         raise SystemExit(1)
 
 
-@cli.command("expire-holds", short_help="Mark pending holds past expiry as expired.")
-def expire_holds() -> None:
-    """Mark pending holds past their expiry as expired.
+@cli.command("grants", short_help="Print a user's credit grants.")
+@click.argument("user_id")
+@click.option(
+    "--status",
+    type=click.Choice(["scheduled", "active", "depleted", "expired", "voided", "all"]),
+    default=None,
+    help="Only grants in this status, or all. Default: active and scheduled.",
+)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+def grants(user_id: str, status: str | None, limit: int) -> None:
+    """Print USER_ID's grants, newest first, as of now.
 
-    Tidiness only: an expired hold stops counting the moment it expires.
+    Columns: id, status, category, priority, amount, remaining, held, when it
+    takes effect and when it expires (UTC).
     """
-    count = current_ledger().expire_holds()
-    click.echo(f"marked {_count(count, 'hold')} expired")
+    try:
+        page = current_ledger().grants(user_id, status=status, limit=limit)
+    except CreditsError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not page.items:
+        which = {None: "active or scheduled ", "all": ""}.get(status, f"{status} ")
+        click.echo(f"{user_id}: no {which}grants")
+        return
+    click.echo(
+        f"{'id':<30} {'status':<9} {'category':<11} {'prio':>4} {'amount':>20} "
+        f"{'remaining':>20} {'held':>20} {'effective (UTC)':<19} expires (UTC)"
+    )
+    for grant in page.items:
+        expires = "never" if grant.expires_at is None else f"{grant.expires_at:%Y-%m-%d %H:%M:%S}"
+        click.echo(
+            f"{grant.id:<30} {grant.status:<9} {grant.category:<11} {grant.priority:>4} "
+            f"{format_units(grant.amount_units):>20} {format_units(grant.remaining_units):>20} "
+            f"{format_units(grant.held_units):>20} {grant.effective_at:%Y-%m-%d %H:%M:%S} "
+            f"{expires}"
+        )
+    if page.has_more:
+        click.echo("… (more: raise --limit)")
+
+
+def _settle() -> None:
+    count = current_ledger().settle_grants()
+    click.echo(f"settled what was due: {_count(count, 'event')} written")
+
+
+@cli.command("settle-grants", short_help="Write due grant expiries and activations.")
+def settle_grants() -> None:
+    """Write the ledger entries of what has fallen due on every account.
+
+    Grants that expired or took effect, and holds that expired, one account
+    per transaction. Reads are exact without it (they count what is due);
+    this moves each account's history and updated_at along. Safe to run
+    concurrently and repeatedly: nothing is written twice.
+    """
+    _settle()
+
+
+@cli.command("expire-holds", short_help="Settle expired holds and all else due.")
+def expire_holds() -> None:
+    """Settle expired holds, and with them everything else due: settle-grants.
+
+    An expired hold stops counting the moment it expires; this writes what
+    its expiry gave back, and marks it expired.
+    """
+    _settle()
 
 
 @cli.command("prune", short_help="Delete expired idempotency keys.")

@@ -110,10 +110,12 @@ def test_help_lists_every_command_with_its_whole_summary(app):
         "balance",
         "db",
         "expire-holds",
+        "grants",
         "history",
         "openapi",
         "prune",
         "reconcile",
+        "settle-grants",
         "topup",
     }
 
@@ -152,12 +154,18 @@ def test_counts_are_pluralised(fresh_app):
 
         ledger.hold("pl_a", U, expires_in_seconds=1)
         move_clock(timedelta(seconds=2))
-        assert said("expire-holds") == "marked 1 hold expired"
-        assert said("expire-holds") == "marked 0 holds expired"
-        ledger.hold("pl_a", U, expires_in_seconds=1)
-        ledger.hold("pl_b", U, expires_in_seconds=1)
-        move_clock(timedelta(seconds=4))
-        assert said("expire-holds") == "marked 2 holds expired"
+        # The expired hold's credit goes back to an active grant (no entry).
+        assert said("expire-holds") == "settled what was due: 1 event written"
+        assert said("expire-holds") == "settled what was due: 0 events written"
+        soon = datetime.now(timezone.utc) + timedelta(seconds=5)
+        ledger.grant("pl_a", U, expires_at=soon)
+        move_clock(timedelta(seconds=6))
+        assert said("settle-grants") == "settled what was due: 1 event written"
+        soon = datetime.now(timezone.utc) + timedelta(seconds=8)
+        ledger.grant("pl_a", U, expires_at=soon)
+        ledger.grant("pl_b", U, expires_at=soon)
+        move_clock(timedelta(seconds=10))
+        assert said("expire-holds") == "settled what was due: 2 events written"
 
         move_clock(timedelta(days=2))
         said("prune")  # every key so far
@@ -177,4 +185,4 @@ def test_counts_are_pluralised(fresh_app):
             conn.execute(sa.update(t).where(t.c.user_id == "pl_b").values(last_seq=99))
         dirty = runner.invoke(args=["credits", "reconcile"])
         assert dirty.exit_code == 1
-        assert dirty.output.splitlines()[-1] == "checked 2 accounts, 6 entries: 1 mismatch"
+        assert dirty.output.splitlines()[-1] == "checked 2 accounts, 12 entries: 1 mismatch"

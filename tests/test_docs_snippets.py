@@ -35,7 +35,7 @@ further status before the next command must say it is not replayed with
 ``<!-- snippet: illustration -->``.
 The status must match, every header shown must be there (a request id in the
 right form), and the JSON body must match in shape and value, except that ids
-(``ctx_…``, ``hold_…``, ``req_…``) and ``next_cursor`` stand for the real ones
+(``ctx_…``, ``hold_…``, ``grant_…``, ``req_…``) and ``next_cursor`` stand for the real ones
 (the first response that shows one maps it, and later commands and bodies use
 the mapping) and timestamps are checked for their form only.
 

@@ -57,6 +57,15 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     # By id: another user's object is a 404, never a 403.
     ("GET", "/credits/transactions/<transaction_id>"): READ | {"NOT_FOUND"},
     ("GET", "/credits/holds/<hold_id>"): READ | {"NOT_FOUND"},
+    ("GET", "/credits/grants"): READ | {"FORBIDDEN"},
+    ("GET", "/credits/grants/<grant_id>"): READ | {"NOT_FOUND"},
+    # A grant credits: its reference is unique, the limit applies (scheduled
+    # grants included).
+    ("POST", "/credits/grants"): WRITE
+    | {"IDEMPOTENCY_CONFLICT", "DUPLICATE_REFERENCE", "BALANCE_LIMIT_EXCEEDED"},
+    # A void only takes away what the grant has left: never a 402 or the limit.
+    ("POST", "/credits/grants/<grant_id>/void"): WRITE
+    | {"IDEMPOTENCY_CONFLICT", "NOT_FOUND", "GRANT_NOT_ACTIVE"},
     # Credits: a reference credits once; the balance limit. No debit, no 402.
     ("POST", "/credits/topup"): WRITE
     | {"IDEMPOTENCY_CONFLICT", "DUPLICATE_REFERENCE", "BALANCE_LIMIT_EXCEEDED"},
@@ -98,6 +107,8 @@ NOT_DRIVEN: dict[tuple[str, str], dict[str, str]] = {
             "/credits/transactions/<transaction_id>/refund",
             "/credits/holds/<hold_id>/capture",
             "/credits/holds/<hold_id>/release",
+            "/credits/grants",
+            "/credits/grants/<grant_id>/void",
         )
     },
     ("GET", "/openapi.json"): {
@@ -241,10 +252,24 @@ def drive(
     refundable = r.send(
         "POST", f"{BASE}/charge", headers=service, json={"user_id": user, "amount_usdc": "2"}
     ).get_json()
-    for path in ("", "/transactions", "/holds"):
+    granted = r.send(
+        "POST",
+        f"{BASE}/grants",
+        headers=admin,
+        json={"user_id": user, "amount_usdc": "1", "reference": f"grant_{tag}"},
+    ).get_json()
+    voided = r.send(
+        "POST", f"{BASE}/grants", headers=admin, json={"user_id": user, "amount_usdc": "1"}
+    ).get_json()
+    r.send("POST", f"{BASE}/grants/{voided['id']}/void", headers=admin, json={"reason": "r"})
+    voidable = r.send(
+        "POST", f"{BASE}/grants", headers=admin, json={"user_id": user, "amount_usdc": "1"}
+    ).get_json()
+    for path in ("", "/transactions", "/holds", "/grants"):
         r.send("GET", f"{BASE}{path}", headers=mine)
     r.send("GET", f"{BASE}/transactions/{charge['id']}", headers=mine)
     r.send("GET", f"{BASE}/holds/{held['id']}", headers=mine)
+    r.send("GET", f"{BASE}/grants/{granted['id']}", headers=mine)
     r.send("GET", f"{PREFIX}/openapi.json")
 
     posts = {
@@ -255,13 +280,17 @@ def drive(
         f"{BASE}/transactions/{refundable['id']}/refund": (admin, {"amount_usdc": "0.1"}),
         f"{BASE}/holds/{conflicted['id']}/capture": (service, {"amount_usdc": "0.1"}),
         f"{BASE}/holds/{conflicted['id']}/release": (service, {}),
+        f"{BASE}/grants": (admin, {"user_id": user, "amount_usdc": "1"}),
+        f"{BASE}/grants/{voidable['id']}/void": (admin, {"reason": "r"}),
     }
     gets = [
         f"{BASE}",
         f"{BASE}/transactions",
         f"{BASE}/holds",
+        f"{BASE}/grants",
         f"{BASE}/transactions/{charge['id']}",
         f"{BASE}/holds/{held['id']}",
+        f"{BASE}/grants/{granted['id']}",
     ]
 
     # 401: every code on every authenticated route.
@@ -291,7 +320,7 @@ def drive(
     # 403: a scope missing, or another user named without the admin scope.
     for path, (_, body) in posts.items():
         r.send("POST", path, headers=mine, json=body)
-    for path in ("", "/transactions", "/holds"):
+    for path in ("", "/transactions", "/holds", "/grants"):
         r.send("GET", f"{BASE}{path}?user_id={other}", headers=mine)
 
     # 413: a body over CREDITS_MAX_BODY_BYTES.
@@ -303,8 +332,9 @@ def drive(
         if path.endswith("/release"):
             continue
         reused = f"reused-{uuid.uuid4().hex}"
+        changed = {"reason": "s"} if path.endswith("/void") else {"amount_usdc": "0.2"}
         r.send("POST", path, headers=headers, key=reused, json=body)
-        r.send("POST", path, headers=headers, key=reused, json={**body, "amount_usdc": "0.2"})
+        r.send("POST", path, headers=headers, key=reused, json={**body, **changed})
 
     # 404: no such object, or another user's (by id).
     for path in ("/holds/hold_nope/capture", "/holds/hold_nope/release"):
@@ -312,6 +342,8 @@ def drive(
     r.send("POST", f"{BASE}/transactions/ctx_nope/refund", headers=admin, json={})
     r.send("GET", f"{BASE}/transactions/{charge['id']}", headers=bearer(other))
     r.send("GET", f"{BASE}/holds/{held['id']}", headers=bearer(other))
+    r.send("POST", f"{BASE}/grants/grant_nope/void", headers=admin, json={})
+    r.send("GET", f"{BASE}/grants/{granted['id']}", headers=bearer(other))
 
     # 402: more than is available.
     for path in ("/charge", "/holds"):
@@ -336,6 +368,13 @@ def drive(
     hold("1", reference=f"hold_{tag}")
     for action in ("capture", "release"):
         r.send("POST", f"{BASE}/holds/{held['id']}/{action}", headers=service, json={})
+    r.send(
+        "POST",
+        f"{BASE}/grants",
+        headers=admin,
+        json={"user_id": user, "amount_usdc": "1", "reference": f"grant_{tag}"},
+    )
+    r.send("POST", f"{BASE}/grants/{voided['id']}/void", headers=admin, json={})
 
     # 422: more than the hold, more than is left of the charge.
     r.send(
@@ -363,6 +402,7 @@ def drive(
         headers=admin,
         json={"user_id": poor, "amount_usdc": "11", "reason": "r"},
     )
+    lim.send("POST", f"{BASE}/grants", headers=admin, json={"user_id": poor, "amount_usdc": "11"})
     lim.send("POST", f"{BASE}/topup", headers=admin, json={"user_id": poor, "amount_usdc": "10"})
     spent = lim.send(
         "POST", f"{BASE}/charge", headers=service, json={"user_id": poor, "amount_usdc": "5"}
@@ -376,6 +416,8 @@ def drive(
         f"{BASE}/charge": (service, {"user_id": poor, "amount_usdc": "0.1"}),
         f"{BASE}/holds": (service, {"user_id": poor, "amount_usdc": "0.1"}),
         f"{BASE}/transactions/{spent['id']}/refund": (admin, {"amount_usdc": "0.1"}),
+        f"{BASE}/grants": (admin, {"user_id": poor, "amount_usdc": "0.1"}),
+        f"{BASE}/grants/grant_nope/void": (admin, {}),
     }
     for path, (headers, body) in duplicates.items():
         # A finished request is replayed, never "in progress", even with no wait.

@@ -69,20 +69,30 @@ def valid_body(path: str, user_id: str) -> Any:
         return {"amount_usdc": "1", "reason": "goodwill"}
     if path.endswith("/capture"):
         return {"amount_usdc": "0.5"}
+    if path.endswith("/credits/grants"):
+        return {
+            "user_id": user_id,
+            "amount_usdc": "2",
+            "priority": 10,
+            "expires_at": "2099-01-01T00:00:00Z",
+        }
+    if path.endswith("/void"):
+        return {"reason": "withdrawn"}
     return None
 
 
 def expected_status(role: str, method: str, path: str) -> int:
     if role == "user" and method == "POST":
         return 403
-    if method == "GET" or path.endswith(("/capture", "/release")):
+    if method == "GET" or path.endswith(("/capture", "/release", "/void")):
         return 200
     return 201
 
 
 @pytest.fixture
 def seeded(client, auth, user_id) -> dict[str, list[str]]:
-    """A funded user with a charge and three pending holds; their ids by path parameter."""
+    """A funded user with a charge, three pending holds and three grants; their
+    ids by path parameter."""
     admin = auth("st_seed_admin", scopes=ROLES["admin"])
     topup = client.post(
         f"{BASE}/topup",
@@ -105,8 +115,21 @@ def seeded(client, auth, user_id) -> dict[str, list[str]]:
         )
         assert hold.status_code == 201, hold.json
         holds.append(hold.json["id"])
+    grants = []
+    for amount in ("1", "2", "3"):
+        made = client.post(
+            f"{BASE}/grants",
+            json={"user_id": user_id, "amount_usdc": amount},
+            headers={**admin, **key()},
+        )
+        assert made.status_code == 201, made.json
+        grants.append(made.json["id"])
     # The charge first: the explicit refund request refunds it.
-    return {"transaction_id": [charge.json["id"], topup.json["id"]], "hold_id": holds}
+    return {
+        "transaction_id": [charge.json["id"], topup.json["id"]],
+        "hold_id": holds,
+        "grant_id": grants,
+    }
 
 
 def test_every_served_operation_is_exercised(client):
@@ -115,7 +138,7 @@ def test_every_served_operation_is_exercised(client):
     assert served.status_code == 200
     paths = served.json["paths"]
     assert sorted((m.upper(), p) for p, ms in paths.items() for m in ms) == OPERATIONS
-    assert len(OPERATIONS) == 13
+    assert len(OPERATIONS) == 17
 
 
 def _strategy(operation: Any, seeded: dict[str, list[str]]) -> st.SearchStrategy[Any]:

@@ -223,7 +223,7 @@ class GrantMoves(Moves):
             )
             grant.status = "voided"
             if units:
-                entry = self._leave(op, grant, units)
+                entry = self._leave(op, grant, units, description=op.reason)
         row = grant_rows.grant_row(self.conn, op.grant_id)
         voided = grant_record(row, GrantState.from_row(row))
         self._after_commit(signals.grant_voided, grant=voided, entry=entry)

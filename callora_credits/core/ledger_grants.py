@@ -158,14 +158,15 @@ class GrantsAPI:
         self,
         grant_id: str,
         *,
+        reason: str | None = None,
         actor_id: str | None = None,
         idempotency_key: str | None = None,
         session: HostSession | None = None,
     ) -> Grant:
         """Take what is left of a grant out of the balance now (its held part
-        when its holds resolve);
+        when its holds resolve); ``reason`` is the ``void`` entry's description.
         :class:`~callora_credits.errors.GrantNotActive` if nothing is left."""
-        op = VoidGrant(limits=self.config, grant_id=grant_id, actor_id=actor_id)
+        op = VoidGrant(limits=self.config, grant_id=grant_id, reason=reason, actor_id=actor_id)
         result = self._call(op, idempotency_key, session)
         assert isinstance(result, Grant)
         return result

@@ -365,7 +365,12 @@ class Moves:
         return entry
 
     def _leave(
-        self, op: Operation | None, grant: GrantState, units: int, hold_id: str | None = None
+        self,
+        op: Operation | None,
+        grant: GrantState,
+        units: int,
+        hold_id: str | None = None,
+        description: str | None = None,
     ) -> Entry:
         """``units`` given back to a dead grant leave the balance at once."""
         moved = store.debit(self.conn, grant.user_id, units, self.now)
@@ -376,7 +381,7 @@ class Moves:
             grant.leave_type(),
             -units,
             moved,
-            None,
+            description,
             grant_id=grant.id,
             metadata={},
             hold_id=hold_id,

@@ -330,9 +330,12 @@ class VoidGrant(Operation):
 
     name: ClassVar[str] = "void_grant"
     grant_id: str
+    #: Kept as the ``void`` entry's description.
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         _object_id(self.grant_id, "No such grant")
+        _text("reason", self.reason)
         _optional_identity("actor_id", self.actor_id)
 
 

@@ -49,7 +49,8 @@ ERROR_MEANINGS = {
     "NOT_FOUND": "the hold or ledger entry in the path does not exist.",
     "METHOD_NOT_ALLOWED": "the path does not accept this method.",
     "HOLD_NOT_PENDING": "the hold was already captured, released or has expired.",
-    "GRANT_NOT_ACTIVE": "the grant is already voided, expired or depleted.",
+    "GRANT_NOT_ACTIVE": "the grant is already voided, expired or depleted: nothing is "
+    "left to void.",
     "DUPLICATE_REFERENCE": "the user already has an entry of this type with this "
     "`reference`; `details[0].transaction_id` names it.",
     "IDEMPOTENCY_IN_PROGRESS": "a request with this key is still running; retry with "
@@ -59,7 +60,8 @@ ERROR_MEANINGS = {
     "with a different body.",
     "HOLD_AMOUNT_EXCEEDED": "the capture is larger than the held amount.",
     "REFUND_EXCEEDS_CHARGE": "the refund is larger than what is left of the charge.",
-    "BALANCE_LIMIT_EXCEEDED": "the balance would pass `CREDITS_MAX_BALANCE_USDC`.",
+    "BALANCE_LIMIT_EXCEEDED": "the balance, with the grants still scheduled, would pass "
+    "`CREDITS_MAX_BALANCE_USDC`.",
     "INTERNAL_SERVER_ERROR": "an unexpected failure; the body says nothing more, the "
     "log has the detail under the request id.",
 }
@@ -187,7 +189,12 @@ def _security(op: Route, cfg: CreditsConfig) -> list[dict[str, list[str]]]:
 
 def _meaning(code: str, op: Route) -> str:
     """What ``code`` means for ``op``: a few codes say which object or scope."""
-    thing = "hold" if "<hold_id>" in op.rule else "ledger entry"
+    if "<hold_id>" in op.rule:
+        thing = "hold"
+    elif "<grant_id>" in op.rule:
+        thing = "grant"
+    else:
+        thing = "ledger entry"
     if code == "FORBIDDEN" and op.scope == "self":
         return "another user was named with `?user_id=` without the admin scope."
     if code == "FORBIDDEN" and op.scope == "admin":
@@ -200,6 +207,12 @@ def _meaning(code: str, op: Route) -> str:
         return f"no such {thing}."
     if code == "DUPLICATE_REFERENCE" and op.rule == "/credits/holds":
         return "the user already has a hold with this `reference`."
+    if code == "DUPLICATE_REFERENCE" and op.rule == "/credits/grants":
+        return (
+            "the user already has a grant made by this operation with this `reference`; "
+            "`details[0].grant_id` names it, and `details[0].transaction_id` its entry "
+            "(null while it is scheduled)."
+        )
     return ERROR_MEANINGS[code]
 
 
@@ -310,8 +323,8 @@ def build_document(
         "info": {
             "title": "callora-credits",
             "version": _version(),
-            "description": "Prepaid USDC credits: balances, top-ups, charges, "
-            "holds, refunds and a paginated ledger. Amounts are strings with "
+            "description": "Prepaid USDC credits: balances, top-ups, credit grants, "
+            "charges, holds, refunds and a paginated ledger. Amounts are strings with "
             "exactly 7 decimals. Every error is a JSON body with `code`, `message`, "
             "`requestId` and `details`; any operation may also answer 500.",
         },

@@ -12,7 +12,7 @@ import secrets
 from typing import Any
 
 from ..core.idempotency import Result
-from ..core.operations import Capture, Operation, Release
+from ..core.operations import Capture, Operation, Release, VoidGrant
 from ..core.records import dumps
 from ..errors import (
     BalanceLimitExceeded,
@@ -103,8 +103,9 @@ def new_request_id() -> str:
 
 class HttpCodec:
     """Stores the HTTP response of a money-moving request under its key:
-    201 with the new entry or hold (200 for a capture or release), or the
-    storable error's status and body with this request's id."""
+    201 with the new entry, hold or grant (200 with the hold or grant a
+    capture, release or void changed), or the storable error's status and
+    body with this request's id."""
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -114,5 +115,5 @@ class HttpCodec:
             body = error_body(result.code, result.message, self.request_id, result.details)
             return status_of(result), dumps(body)
         assert result is not None  # no HTTP operation leaves nothing to show
-        status = 200 if isinstance(op, Capture | Release) else 201
+        status = 200 if isinstance(op, Capture | Release | VoidGrant) else 201
         return status, dumps(result.as_json())

@@ -9,14 +9,24 @@ beside their models, and a test checks each against its model.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+)
 from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import PydanticCustomError
 
 from ..core.pagination import Page
-from ..core.records import Balance, Entry, EntryType, Hold, Record
+from ..core.records import Balance, Entry, EntryType, Grant, Hold, Record
 from ..errors import Detail, ValidationError
 
 __all__ = [
@@ -29,6 +39,10 @@ __all__ = [
     "EntryPageOut",
     "ErrorDetail",
     "ErrorOut",
+    "GrantIn",
+    "GrantOut",
+    "GrantPageOut",
+    "GrantsQuery",
     "HoldIn",
     "HoldOut",
     "HoldPageOut",
@@ -37,6 +51,7 @@ __all__ = [
     "ReleaseIn",
     "TopUpIn",
     "TransactionsQuery",
+    "VoidGrantIn",
     "balance_json",
     "page_json",
     "parse_model",
@@ -78,7 +93,12 @@ class ErrorDetail(BaseModel):
     message: str
     code: str | None = None
     transaction_id: str | None = Field(
-        default=None, description="DUPLICATE_REFERENCE: the entry that has the reference."
+        default=None,
+        description="DUPLICATE_REFERENCE: the entry that has the reference (for a grant, "
+        "the entry that brought it in; null while it is scheduled).",
+    )
+    grant_id: str | None = Field(
+        default=None, description="DUPLICATE_REFERENCE of a grant: the grant that has it."
     )
 
 
@@ -170,6 +190,47 @@ SignedAmountIn = Annotated[
 ]
 
 
+# RFC 3339's date-time (a space or lowercase letters allowed, seconds
+# optional); datetime.fromisoformat alone would also take week dates, the
+# basic format and any separator.
+_INSTANT = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _instant(value: Any) -> Any:
+    """An ISO 8601 string with an offset as an aware datetime; the same error
+    code as the operations give for a datetime they cannot take."""
+    if not isinstance(value, str):
+        return value  # refused by the strict datetime check after this
+    message = "Use an ISO 8601 date and time with an offset, such as 2026-12-31T23:59:59Z"
+    if not _INSTANT.fullmatch(value):
+        raise PydanticCustomError("datetime", message)
+    try:
+        return datetime.fromisoformat(value.upper())
+    except ValueError:
+        raise PydanticCustomError("datetime", message) from None
+
+
+Instant = Annotated[
+    datetime,
+    BeforeValidator(_instant),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "date-time",
+            "maxLength": 40,
+            "examples": ["2026-12-31T23:59:59Z"],
+        }
+    ),
+]
+Priority = Annotated[
+    int,
+    Field(ge=0, le=100, description="A JSON integer, 0-100; lower is used first. Default 50."),
+]
+
+
 class BalanceQuery(Strict):
     user_id: UserId | None = Field(
         default=None, description="Another user's id; requires the admin scope."
@@ -179,7 +240,7 @@ class BalanceQuery(Strict):
 # --- ledger requests ------------------------------------------------------------
 
 
-class TopUpIn(Strict):
+class _TransferIn(Strict):
     user_id: UserId
     amount_usdc: AmountIn
     reference: Reference | None = None
@@ -187,7 +248,15 @@ class TopUpIn(Strict):
     metadata: Metadata = Field(default_factory=dict)
 
 
-class ChargeIn(TopUpIn):
+class TopUpIn(_TransferIn):
+    expires_at: Instant | None = Field(
+        default=None,
+        description="When what is left of this credit leaves the balance; default never.",
+    )
+    priority: Priority = 50
+
+
+class ChargeIn(_TransferIn):
     pass
 
 
@@ -238,7 +307,7 @@ def _page_model(name: str, item: type[BaseModel]) -> type[BaseModel]:
 EntryPageOut = _page_model("EntryPageOut", EntryOut)
 
 
-def page_json(page: Page[Entry] | Page[Hold]) -> dict[str, Any]:
+def page_json(page: Page[Entry] | Page[Hold] | Page[Grant]) -> dict[str, Any]:
     """A page of records as the API lists them."""
     items: list[Record] = list(page.items)
     return {
@@ -246,6 +315,55 @@ def page_json(page: Page[Entry] | Page[Hold]) -> dict[str, Any]:
         "next_cursor": page.next_cursor,
         "has_more": page.has_more,
     }
+
+
+# --- grants ---------------------------------------------------------------------
+
+
+class GrantIn(Strict):
+    user_id: UserId
+    amount_usdc: AmountIn
+    category: Literal["paid", "promotional"] = "promotional"
+    priority: Priority = 50
+    effective_at: Instant | None = Field(
+        default=None, description="When it enters the balance; default (and if past) now."
+    )
+    expires_at: Instant | None = Field(
+        default=None,
+        description="When what is left of it leaves the balance; later than effective_at "
+        "and than now. Default never.",
+    )
+    reference: Reference | None = Field(
+        default=None, description="Unique per user among grants made by this endpoint."
+    )
+    description: Text | None = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class VoidGrantIn(Strict):
+    reason: Text | None = Field(default=None, description="Kept on the `void` entry.")
+
+
+GrantStatusFilter = Literal["scheduled", "active", "depleted", "expired", "voided", "all"]
+
+
+class GrantsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId | None = Field(default=None, description="Requires the admin scope.")
+    status: GrantStatusFilter | None = Field(
+        default=None, description="Default: the active and the scheduled grants."
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="1 to CREDITS_PAGE_SIZE_MAX (100); default 20."
+    )
+    cursor: str | None = Field(default=None, max_length=64, description="next_cursor of a page.")
+
+
+GrantOut = Grant.response_model()
+
+
+GrantPageOut = _page_model("GrantPageOut", GrantOut)
 
 
 # --- holds ----------------------------------------------------------------------

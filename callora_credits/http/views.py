@@ -12,16 +12,19 @@ from ..core.operations import (
     Adjust,
     Capture,
     Charge,
+    CreateGrant,
     CreateHold,
     Refund,
     Release,
     TopUp,
+    VoidGrant,
 )
-from ..core.records import Entry, Hold
+from ..core.records import Entry, Grant, Hold
 from ..errors import (
     BalanceLimitExceeded,
     DuplicateReference,
     Forbidden,
+    GrantNotActive,
     HoldAmountExceeded,
     HoldNotPending,
     IdempotencyConflict,
@@ -46,6 +49,10 @@ from .schemas import (
     ChargeIn,
     EntryOut,
     EntryPageOut,
+    GrantIn,
+    GrantOut,
+    GrantPageOut,
+    GrantsQuery,
     HoldIn,
     HoldOut,
     HoldPageOut,
@@ -54,6 +61,7 @@ from .schemas import (
     ReleaseIn,
     TopUpIn,
     TransactionsQuery,
+    VoidGrantIn,
     balance_json,
     page_json,
 )
@@ -76,7 +84,7 @@ WRITE_ERRORS = (
 )
 
 
-Owned = TypeVar("Owned", Entry, Hold)
+Owned = TypeVar("Owned", Entry, Hold, Grant)
 
 
 def _visible(found: Owned | None, caller: Caller, cfg: CreditsConfig, missing: str) -> Owned:
@@ -123,7 +131,8 @@ def get_balance() -> Response:
     errors=(*WRITE_ERRORS, IdempotencyConflict, DuplicateReference, BalanceLimitExceeded),
     description="Credit a user's balance, for example when a payment has been received. "
     "A `reference` (an external payment id) credits at most once per user, even "
-    "under different idempotency keys.",
+    "under different idempotency keys. The credit is a `paid` grant, without expiry "
+    "unless `expires_at` is given, used in `priority` order.",
 )
 def top_up() -> Response:
     """Credit a user's balance (a payment received). Needs the admin scope.
@@ -341,6 +350,88 @@ def release_hold(hold_id: str) -> Response:
     """Give the whole reservation back."""
     req = write_request(ReleaseIn, admin=False)
     return req.run(req.build(Release, hold_id=hold_id))
+
+
+@operation(
+    "/credits/grants",
+    "POST",
+    summary="Create a credit grant",
+    scope="admin",
+    success=201,
+    response=GrantOut,
+    body=GrantIn,
+    errors=(*WRITE_ERRORS, IdempotencyConflict, DuplicateReference, BalanceLimitExceeded),
+    description="Give a user credit that is used in `priority` order (lower first), "
+    "enters the balance at `effective_at` and leaves it at `expires_at`: promotional "
+    "credit by default. A grant that takes effect now writes a `grant` ledger entry "
+    "(its `transaction_id`); a scheduled one writes it when it takes effect, and counts "
+    "against the balance limit from now on.",
+)
+def create_grant() -> Response:
+    """Give a user credit as a grant (promotional by default). Needs the admin scope."""
+    req = write_request(GrantIn, admin=True)
+    return req.run(req.build(CreateGrant))
+
+
+@operation(
+    "/credits/grants",
+    "GET",
+    summary="List grants",
+    scope="self",
+    response=GrantPageOut,
+    query=GrantsQuery,
+    errors=(*READ_ERRORS, Forbidden),
+    description="Grants, newest first, cursor-paginated: by default the active and the "
+    "scheduled ones; `status` picks one status, or `all`. Every figure is as of now, "
+    "expiries and activations that fell due included.",
+)
+def list_grants() -> Response:
+    """The caller's grants, newest first, cursor-paginated."""
+    cfg = config()
+    caller = identify(cfg)
+    query: GrantsQuery = parse_query(GrantsQuery)
+    user_id = caller.target_user(query.user_id, cfg)
+    page = ledger_for(cfg).grants(
+        user_id, status=query.status, limit=page_limit(query.limit, cfg), cursor=query.cursor
+    )
+    return json_response(page_json(page))
+
+
+@operation(
+    "/credits/grants/<grant_id>",
+    "GET",
+    summary="Read one grant",
+    scope="owner",
+    response=GrantOut,
+    errors=(*READ_ERRORS, NotFound),
+    description="One grant, in any status, as of now.",
+)
+def get_grant(grant_id: str) -> Response:
+    """One grant; another user's grant is a 404, so ids cannot be probed."""
+    cfg = config()
+    caller = identify(cfg)
+    parse_query(NoQuery)
+    grant = ledger_for(cfg).get_grant(grant_id)
+    return json_response(_visible(grant, caller, cfg, "No such grant").as_json())
+
+
+@operation(
+    "/credits/grants/<grant_id>/void",
+    "POST",
+    summary="Void a grant",
+    scope="admin",
+    response=GrantOut,
+    body=VoidGrantIn,
+    errors=(*WRITE_ERRORS, IdempotencyConflict, NotFound, GrantNotActive),
+    description="Take what is left of a grant out of the balance now, with a `void` "
+    "ledger entry; the part pending holds have pinned leaves when they resolve, unless "
+    "captured. Voiding a scheduled grant writes no entry: it never enters the balance. "
+    "A voided, expired or depleted grant cannot be voided.",
+)
+def void_grant(grant_id: str) -> Response:
+    """Void what is left of a grant (a chargeback, a withdrawn promotion)."""
+    req = write_request(VoidGrantIn, admin=True)
+    return req.run(req.build(VoidGrant, grant_id=grant_id))
 
 
 @operation(
