@@ -1,11 +1,17 @@
 """The floor the library is measured against: the same SQL, no library code.
 
-The statements below are copied from what ``callora_credits/db/store.py`` emits
-on PostgreSQL through SQLAlchemy's psycopg 3 dialect (same text, same casts,
-same named parameters), so the database does the same work for both sides
-and psycopg's automatic server-side prepare treats them alike. Each operation
-runs in its own transaction on a plain psycopg 3 connection: no ORM, no
-SQLAlchemy, no ``callora_credits`` import.
+The statements below are copied from what ``callora_credits/db/store.py`` and
+``callora_credits/db/grant_rows.py`` emit on PostgreSQL through SQLAlchemy's
+psycopg 3 dialect (same text, same casts, same named parameters), so the
+database does the same work for both sides and psycopg's automatic
+server-side prepare treats them alike. Each operation runs in its own
+transaction on a plain psycopg 3 connection: no ORM, no SQLAlchemy, no
+``callora_credits`` import.
+
+A charge is six statements: the conditional account update, the read of the
+user's spendable grants, the update of each grant drawn (one, for the
+benchmark's charges), the ledger row, its allocation row, and the
+idempotency record. A balance read is one statement.
 
 Used by ``bench/run.py`` (in process) and ``bench/bare_app.py`` (over HTTP).
 """
@@ -17,7 +23,7 @@ import json
 import queue
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -27,39 +33,101 @@ import psycopg
 UNITS_PER_USDC = 10_000_000
 IDEMPOTENCY_TTL = timedelta(seconds=86400)
 
-# store.debit(): the conditional relative update that locks the account row.
+# store.debit(): the conditional relative update that locks the account row;
+# it matches nothing while an event (an expiry, a hold's expiry, a scheduled
+# grant) is due on the account.
 CHARGE_UPDATE = (
-    "UPDATE credits SET balance_units=(credits.balance_units - %(balance_units_1)s::BIGINT), "
+    "UPDATE credits SET balance_units=(credits.balance_units - %(p_units)s::BIGINT), "
     "last_seq=(credits.last_seq + %(last_seq_1)s::BIGINT), "
-    "updated_at=%(updated_at)s::TIMESTAMP WITHOUT TIME ZONE "
-    "WHERE credits.user_id = %(user_id_1)s::VARCHAR "
-    "AND credits.balance_units >= %(balance_units_2)s::BIGINT "
+    "updated_at=%(p_now)s::TIMESTAMP WITHOUT TIME ZONE "
+    "WHERE credits.user_id = %(p_user_id)s::VARCHAR "
+    "AND credits.balance_units >= %(p_units)s::BIGINT "
+    "AND (credits.next_due_at IS NULL "
+    "OR credits.next_due_at > %(p_now)s::TIMESTAMP WITHOUT TIME ZONE) "
     "RETURNING credits.balance_units, credits.last_seq"
 )
 
-# store.insert_entry(require_available=now): the ledger row, inserted only if
-# balance_after still covers the live holds.
-CHARGE_INSERT_ENTRY = (
+_GRANT_COLUMNS = (
+    "id",
+    "user_id",
+    "number",
+    "category",
+    "origin",
+    "amount_units",
+    "remaining_units",
+    "held_units",
+    "priority",
+    "effective_at",
+    "expires_at",
+    "voided_at",
+    "status",
+    "reference",
+    "description",
+    "metadata_json",
+    "transaction_id",
+    "actor_id",
+    "created_at",
+)
+# Positions in a row of SPENDABLE_GRANTS.
+_ID, _NUMBER, _CATEGORY, _REMAINING, _PRIORITY, _EFFECTIVE, _EXPIRES = (
+    _GRANT_COLUMNS.index(name)
+    for name in (
+        "id",
+        "number",
+        "category",
+        "remaining_units",
+        "priority",
+        "effective_at",
+        "expires_at",
+    )
+)
+
+# grant_rows.spendable_grants(): after the account lock, the user's active
+# grants with something unheld; the order is chosen in Python.
+SPENDABLE_GRANTS = (
+    "SELECT "
+    + ", ".join(f"credits_grants.{column}" for column in _GRANT_COLUMNS)
+    + " \nFROM credits_grants \n"
+    "WHERE credits_grants.user_id = %(p_user_id)s::VARCHAR "
+    "AND credits_grants.status = %(status_1)s::VARCHAR "
+    "AND credits_grants.remaining_units > %(remaining_units_1)s::BIGINT "
+    "AND (credits_grants.expires_at IS NULL "
+    "OR credits_grants.expires_at > %(p_now)s::TIMESTAMP WITHOUT TIME ZONE)"
+)
+
+# grant_rows.move_grant(): one grant's figures, changed relatively and guarded.
+MOVE_GRANT = (
+    "UPDATE credits_grants "
+    "SET remaining_units=(credits_grants.remaining_units + %(p_remaining)s::BIGINT), "
+    "held_units=(credits_grants.held_units + %(p_held)s::BIGINT) "
+    "WHERE credits_grants.id = %(p_grant_id)s::VARCHAR "
+    "AND credits_grants.remaining_units + %(p_remaining)s::BIGINT >= %(param_1)s::BIGINT "
+    "AND credits_grants.held_units + %(p_held)s::BIGINT >= %(param_2)s::BIGINT"
+)
+
+# store.insert_entry(): the ledger row.
+INSERT_ENTRY = (
     "INSERT INTO credits_transactions (id, user_id, seq, type, amount_units, "
     "balance_after_units, reference, description, metadata_json, hold_id, refund_of, "
-    "refunded_units, actor_id, created_at) "
-    "SELECT %(param_1)s::VARCHAR AS anon_1, %(param_2)s::VARCHAR AS anon_2, "
-    "%(param_3)s::BIGINT AS anon_3, %(param_4)s::VARCHAR AS anon_4, "
-    "%(param_5)s::BIGINT AS anon_5, %(param_6)s::BIGINT AS anon_6, "
-    "%(param_7)s::VARCHAR AS anon_7, %(param_8)s::VARCHAR AS anon_8, "
-    "%(param_9)s::VARCHAR AS anon_9, %(param_10)s::VARCHAR AS anon_10, "
-    "%(param_11)s::VARCHAR AS anon_11, %(param_12)s::BIGINT AS anon_12, "
-    "%(param_13)s::VARCHAR AS anon_13, %(param_14)s::TIMESTAMP WITHOUT TIME ZONE AS anon_14 \n"
-    "WHERE %(param_15)s::BIGINT >= (SELECT coalesce(sum(credits_holds.amount_units), "
-    "%(coalesce_2)s::INTEGER) AS coalesce_1 \n"
-    "FROM credits_holds \n"
-    "WHERE credits_holds.user_id = %(user_id_1)s::VARCHAR "
-    "AND credits_holds.status = %(status_1)s::VARCHAR "
-    "AND credits_holds.expires_at > %(expires_at_1)s::TIMESTAMP WITHOUT TIME ZONE)"
+    "refunded_units, actor_id, created_at, grant_id) "
+    "VALUES (%(id)s::VARCHAR, %(user_id)s::VARCHAR, %(seq)s::BIGINT, %(type)s::VARCHAR, "
+    "%(amount_units)s::BIGINT, %(balance_after_units)s::BIGINT, %(reference)s::VARCHAR, "
+    "%(description)s::VARCHAR, %(metadata_json)s::VARCHAR, %(hold_id)s::VARCHAR, "
+    "%(refund_of)s::VARCHAR, %(refunded_units)s::BIGINT, %(actor_id)s::VARCHAR, "
+    "%(created_at)s::TIMESTAMP WITHOUT TIME ZONE, %(grant_id)s::VARCHAR)"
+)
+
+# grant_rows.insert_allocations() with one row: what the entry drew from a grant.
+INSERT_ALLOCATION = (
+    "INSERT INTO credits_allocations (user_id, entry_id, hold_id, position, grant_id, "
+    "amount_units) "
+    "VALUES (%(user_id)s::VARCHAR, %(entry_id)s::VARCHAR, %(hold_id)s::VARCHAR, "
+    "%(position)s::INTEGER, %(grant_id)s::VARCHAR, %(amount_units)s::BIGINT) "
+    "RETURNING credits_allocations.id"
 )
 
 # store.insert_idempotency(): the key claimed with the stored response.
-CHARGE_INSERT_IDEMPOTENCY = (
+INSERT_IDEMPOTENCY = (
     "INSERT INTO credits_idempotency (key_hash, user_id, actor_id, method, path, "
     "idempotency_key, fingerprint, status_code, response_body, created_at, expires_at) "
     "VALUES (%(key_hash)s::VARCHAR, %(user_id)s::VARCHAR, %(actor_id)s::VARCHAR, "
@@ -68,18 +136,65 @@ CHARGE_INSERT_IDEMPOTENCY = (
     "%(created_at)s::TIMESTAMP WITHOUT TIME ZONE, %(expires_at)s::TIMESTAMP WITHOUT TIME ZONE)"
 )
 
-# store.balance_row(): the balance read, held units in a subquery.
+#: A charge drawing from one grant, in the order sent.
+CHARGE_STATEMENTS = (
+    CHARGE_UPDATE,
+    SPENDABLE_GRANTS,
+    MOVE_GRANT,
+    INSERT_ENTRY,
+    INSERT_ALLOCATION,
+    INSERT_IDEMPOTENCY,
+)
+
+_ACTIVE_UNHELD = (
+    "\nFROM credits_grants \n"
+    "WHERE credits_grants.user_id = %(p_user_id)s::VARCHAR "
+    "AND credits_grants.status = %(status_{n})s::VARCHAR "
+    "AND credits_grants.remaining_units > %(remaining_units_{m})s::BIGINT"
+)
+_NEXT_EXPIRY_AT = "(SELECT min(credits_grants.expires_at) AS min_1 " + _ACTIVE_UNHELD.format(
+    n=3, m=1
+)
+
+# store.balance_row(): the balance read, the grants' figures in subqueries.
 BALANCE_SELECT = (
-    "SELECT credits.user_id, credits.balance_units, credits.created_at, credits.updated_at, "
-    "(SELECT coalesce(sum(credits_holds.amount_units), %(coalesce_2)s::INTEGER) AS coalesce_1 \n"
-    "FROM credits_holds \n"
-    "WHERE credits_holds.user_id = %(p_user_id)s::VARCHAR "
-    "AND credits_holds.status = %(status_1)s::VARCHAR "
-    "AND credits_holds.expires_at > %(p_now)s::TIMESTAMP WITHOUT TIME ZONE) "
-    "AS held_units \n"
+    "SELECT credits.user_id, credits.balance_units, credits.created_at, "
+    "credits.updated_at, credits.next_due_at, "
+    "(SELECT coalesce(sum(credits_grants.held_units), %(coalesce_2)s::INTEGER) "
+    "AS coalesce_1 \nFROM credits_grants \n"
+    "WHERE credits_grants.user_id = %(p_user_id)s::VARCHAR) AS held_units, "
+    "(SELECT coalesce(sum(credits_grants.remaining_units + credits_grants.held_units), "
+    "%(coalesce_4)s::INTEGER) AS coalesce_3 \nFROM credits_grants \n"
+    "WHERE credits_grants.user_id = %(p_user_id)s::VARCHAR "
+    "AND credits_grants.category = %(category_1)s::VARCHAR "
+    "AND credits_grants.status != %(status_1)s::VARCHAR) AS paid_units, "
+    "(SELECT coalesce(sum(credits_grants.remaining_units + credits_grants.held_units), "
+    "%(coalesce_6)s::INTEGER) AS coalesce_5 \nFROM credits_grants \n"
+    "WHERE credits_grants.user_id = %(p_user_id)s::VARCHAR "
+    "AND credits_grants.category = %(category_2)s::VARCHAR "
+    "AND credits_grants.status != %(status_2)s::VARCHAR) AS promotional_units, "
+    + _NEXT_EXPIRY_AT
+    + ") AS next_expiry_at, "
+    "(SELECT coalesce(sum(credits_grants.remaining_units), %(coalesce_8)s::INTEGER) "
+    "AS coalesce_7 " + _ACTIVE_UNHELD.format(n=4, m=2) + " "
+    "AND credits_grants.expires_at = " + _NEXT_EXPIRY_AT + ")) AS next_expiry_units \n"
     "FROM credits \n"
     "WHERE credits.user_id = %(p_user_id)s::VARCHAR"
 )
+_BALANCE_PARAMS = {
+    "coalesce_2": 0,
+    "coalesce_4": 0,
+    "category_1": "paid",
+    "status_1": "scheduled",
+    "coalesce_6": 0,
+    "category_2": "promotional",
+    "status_2": "scheduled",
+    "status_3": "active",
+    "remaining_units_1": 0,
+    "coalesce_8": 0,
+    "status_4": "active",
+    "remaining_units_2": 0,
+}
 
 # store.insert_account_if_missing(): only for a first read (not benchmarked).
 ACCOUNT_INSERT = (
@@ -96,7 +211,7 @@ _HISTORY_COLUMNS = (
     "credits_transactions.description, credits_transactions.metadata_json, "
     "credits_transactions.hold_id, credits_transactions.refund_of, "
     "credits_transactions.refunded_units, credits_transactions.actor_id, "
-    "credits_transactions.created_at \n"
+    "credits_transactions.created_at, credits_transactions.grant_id \n"
     "FROM credits_transactions \n"
     "WHERE credits_transactions.user_id = %(user_id_1)s::VARCHAR "
 )
@@ -118,6 +233,14 @@ HISTORY_OFFSET = (
 
 class InsufficientCredits(Exception):
     """The balance (or what the holds leave of it) does not cover the charge."""
+
+
+class SomethingDue(Exception):
+    """An event fell due on the account and is not yet written.
+
+    The library writes it (or, for a read, counts it) first; the benchmark's
+    accounts have nothing due, so the floor leaves that work out.
+    """
 
 
 def utcnow_naive() -> datetime:
@@ -151,10 +274,13 @@ def connect(dsn: str) -> psycopg.Connection[Any]:
 def read_balance_row(conn: psycopg.Connection[Any], user_id: str) -> tuple[Any, ...]:
     """The balance read: one SELECT in its own transaction (three on a first read).
 
-    Returns ``(user_id, balance_units, created_at, updated_at, held_units)``.
+    Returns ``(user_id, balance_units, created_at, updated_at, next_due_at,
+    held_units, paid_units, promotional_units, next_expiry_at,
+    next_expiry_units)``. Raises :class:`SomethingDue` when an event fell
+    due on the account.
     """
     now = utcnow_naive()
-    params = {"coalesce_2": 0, "status_1": "pending", "p_now": now, "p_user_id": user_id}
+    params = {**_BALANCE_PARAMS, "p_user_id": user_id}
     try:
         row = conn.execute(BALANCE_SELECT, params).fetchone()
         if row is None:
@@ -174,20 +300,57 @@ def read_balance_row(conn: psycopg.Connection[Any], user_id: str) -> tuple[Any, 
         conn.rollback()
         raise
     assert row is not None
+    next_due_at = row[4]
+    if next_due_at is not None and next_due_at <= now:
+        raise SomethingDue(user_id)
     return tuple(row)
 
 
 def balance_json(row: tuple[Any, ...]) -> dict[str, Any]:
     """The balance as ``GET /credits`` shows it."""
-    user_id, balance, created_at, updated_at, held = row
+    user_id, balance, created_at, updated_at, _, held, paid, promotional = row[:8]
+    expiry_at, expiry_units = row[8], row[9]
     return {
         "user_id": user_id,
         "balance_usdc": format_units(balance),
         "held_usdc": format_units(int(held)),
         "available_usdc": format_units(balance - int(held)),
+        "paid_usdc": format_units(int(paid)),
+        "promotional_usdc": format_units(int(promotional)),
+        "next_expiry": None
+        if expiry_at is None
+        else {"at": iso(expiry_at), "amount_usdc": format_units(int(expiry_units))},
         "created_at": iso(created_at),
         "updated_at": iso(updated_at),
     }
+
+
+def _consumption_key(grant: Sequence[Any]) -> tuple[Any, ...]:
+    # Priority ascending, the soonest expiry (none last), promotional before
+    # paid, then the effective time and the creation order.
+    expires_at = grant[_EXPIRES]
+    return (
+        grant[_PRIORITY],
+        expires_at is None,
+        expires_at or datetime.min,
+        grant[_CATEGORY] != "promotional",
+        grant[_EFFECTIVE],
+        grant[_NUMBER],
+    )
+
+
+def draw(grants: Sequence[Sequence[Any]], units: int) -> list[tuple[str, int]] | None:
+    """``[(grant id, units), …]`` a debit of ``units`` takes, in consumption
+    order; ``None`` when the grants' unheld remaining does not cover it."""
+    taken = []
+    left = units
+    for grant in sorted(grants, key=_consumption_key):
+        part = min(grant[_REMAINING], left)
+        taken.append((grant[_ID], part))
+        left -= part
+        if left == 0:
+            return taken
+    return None
 
 
 def charge(
@@ -201,29 +364,56 @@ def charge(
     key: str | None = None,
     request_fingerprint: str | None = None,
 ) -> tuple[dict[str, Any], bytes]:
-    """A charge: the three statements of the library, in one transaction.
+    """A charge: the statements of the library, in one transaction.
 
     Returns the entry and the stored response body. Raises
-    ``psycopg.errors.UniqueViolation`` when the idempotency key is taken.
+    :class:`InsufficientCredits` when the balance or the grants' unheld
+    remaining is short (or, as the library before it settles, when something
+    is due), and ``psycopg.errors.UniqueViolation`` when the idempotency key
+    is taken.
     """
     now = utcnow_naive()
     key = key if key is not None else "auto:" + uuid.uuid4().hex
     if request_fingerprint is None:
-        request_fingerprint = fingerprint({"user_id": user_id, "amount_units": units})
+        # As the Python API fingerprints a call: every argument of the operation.
+        request_fingerprint = fingerprint(
+            {
+                "actor_id": actor_id or None,
+                "user_id": user_id,
+                "amount_units": units,
+                "reference": None,
+                "description": None,
+                "metadata": {},
+            }
+        )
     try:
         row = conn.execute(
             CHARGE_UPDATE,
-            {
-                "balance_units_1": units,
-                "last_seq_1": 1,
-                "updated_at": now,
-                "user_id_1": user_id,
-                "balance_units_2": units,
-            },
+            {"p_units": units, "last_seq_1": 1, "p_now": now, "p_user_id": user_id},
         ).fetchone()
         if row is None:
             raise InsufficientCredits()
         balance_after, seq = row
+        grants = conn.execute(
+            SPENDABLE_GRANTS,
+            {"p_user_id": user_id, "status_1": "active", "remaining_units_1": 0, "p_now": now},
+        ).fetchall()
+        draws = draw(grants, units)
+        if draws is None:
+            raise InsufficientCredits()
+        for grant_id, part in draws:
+            moved = conn.execute(
+                MOVE_GRANT,
+                {
+                    "p_remaining": -part,
+                    "p_held": 0,
+                    "p_grant_id": grant_id,
+                    "param_1": 0,
+                    "param_2": 0,
+                },
+            ).rowcount
+            if moved != 1:
+                raise RuntimeError(f"grant {grant_id} changed under the account lock")
         entry = {
             "id": "ctx_" + secrets.token_hex(12),
             "user_id": user_id,
@@ -237,39 +427,52 @@ def charge(
             "hold_id": None,
             "refund_of": None,
             "refunded_usdc": "0.0000000",
+            "grant_id": None,
+            "allocations": [
+                {"grant_id": grant_id, "amount_usdc": format_units(part)}
+                for grant_id, part in draws
+            ],
             "actor_id": actor_id or None,
             "created_at": iso(now),
         }
-        inserted = conn.execute(
-            CHARGE_INSERT_ENTRY,
+        conn.execute(
+            INSERT_ENTRY,
             {
-                "param_1": entry["id"],
-                "param_2": user_id,
-                "param_3": seq,
-                "param_4": "charge",
-                "param_5": -units,
-                "param_6": balance_after,
-                "param_7": None,
-                "param_8": None,
-                "param_9": "{}",
-                "param_10": None,
-                "param_11": None,
-                "param_12": 0,
-                "param_13": actor_id or None,
-                "param_14": now,
-                "param_15": balance_after,
-                "coalesce_2": 0,
-                "user_id_1": user_id,
-                "status_1": "pending",
-                "expires_at_1": now,
+                "id": entry["id"],
+                "user_id": user_id,
+                "seq": seq,
+                "type": "charge",
+                "amount_units": -units,
+                "balance_after_units": balance_after,
+                "reference": None,
+                "description": None,
+                "metadata_json": "{}",
+                "hold_id": None,
+                "refund_of": None,
+                "refunded_units": 0,
+                "actor_id": actor_id or None,
+                "created_at": now,
+                "grant_id": None,
             },
-        ).rowcount
-        if inserted != 1:
-            raise InsufficientCredits()
+        )
+        # The library sends several allocation rows in one executemany; the
+        # benchmark's charges draw from one grant, one statement on both sides.
+        for position, (grant_id, part) in enumerate(draws):
+            conn.execute(
+                INSERT_ALLOCATION,
+                {
+                    "user_id": user_id,
+                    "entry_id": entry["id"],
+                    "hold_id": None,
+                    "position": position,
+                    "grant_id": grant_id,
+                    "amount_units": part,
+                },
+            )
         body = dumps(entry)
         scope = "\x00".join((actor_id, method, path, key))
         conn.execute(
-            CHARGE_INSERT_IDEMPOTENCY,
+            INSERT_IDEMPOTENCY,
             {
                 "key_hash": hashlib.sha256(scope.encode()).hexdigest(),
                 "user_id": user_id,
@@ -278,7 +481,8 @@ def charge(
                 "path": path,
                 "idempotency_key": key,
                 "fingerprint": request_fingerprint,
-                "status_code": 201,
+                # The Python API stores 0 with the entry; HTTP stores 201.
+                "status_code": 0 if method == "CALL" else 201,
                 "response_body": body.decode(),
                 "created_at": now,
                 "expires_at": now + IDEMPOTENCY_TTL,

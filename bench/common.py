@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import http.client
 import os
 import signal
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 import psycopg
@@ -36,6 +37,8 @@ JWT_SECRET = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
 ACCOUNTS = 1000
 ACCOUNT_PREFIX = "acct_"
 HOT_USER = "hot_account"
+GRANTS_PREFIX = "grants_"
+HOT_GRANTS_USER = "hot_grants_account"
 READER = "reader_user"
 SERVICE = "gateway_service"
 START_BALANCE = 10**16  # units: 1e9 USDC, far more than the run can spend
@@ -99,55 +102,140 @@ def account(index: int) -> str:
     return f"{ACCOUNT_PREFIX}{index:04d}"
 
 
-def seed_accounts(dsn: str) -> None:
-    """Funded accounts, each with the top-up entry its balance came from.
+class GrantSeed(NamedTuple):
+    """One grant every account of a seeded set gets (with its entry)."""
 
-    ``acct_0000``…``acct_0999`` (spread), the hot account, the reader of the
-    HTTP balance reads and the service caller. Bulk SQL: seconds, not minutes.
+    category: str
+    priority: int
+    expires_in_days: int | None
+    units: int
+
+
+#: The funded accounts' one grant: a paid top-up without expiry.
+ONE_GRANT = (GrantSeed("paid", 50, None, START_BALANCE),)
+
+#: The grants of each account of the five-grant case, in creation order.
+#: Consumption order: the 4th (priority 10), the 5th (20), the 2nd (30), then
+#: the 3rd and the 1st (both 50: the one that expires, then the one that never
+#: does). Every charge draws from the 4th, which holds nearly all the balance.
+#: The soonest expiry is 200 days away: nothing falls due during a run.
+FIVE_GRANTS = (
+    GrantSeed("paid", 50, None, 10**12),
+    GrantSeed("promotional", 30, 400, 10**12),
+    GrantSeed("paid", 50, 300, 10**12),
+    GrantSeed("promotional", 10, 365, START_BALANCE),
+    GrantSeed("promotional", 20, 200, 10**12),
+)
+#: The ``number`` of the grant a charge on a five-grant account draws from.
+FIRST_IN_ORDER = 4
+
+
+def grants_account(index: int) -> str:
+    return f"{GRANTS_PREFIX}{index:04d}"
+
+
+def seeded_grant_id(user_id: str, number: int) -> str:
+    """The id :func:`seed_accounts` gives a user's grant ``number``."""
+    return "grant_" + hashlib.md5(f"g/{user_id}/{number}".encode()).hexdigest()[:24]
+
+
+def _fund(conn: psycopg.Connection[Any], users: list[str], grants: tuple[GrantSeed, ...]) -> None:
+    """Give each of ``users`` an account with ``grants``, each grant with the
+    entry that brought it in (a ``topup`` for a paid grant, a ``grant`` for a
+    promotional one): balance = the grants' remaining = the entries' sum."""
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    params = {
+        "users": users,
+        "numbers": list(range(1, len(grants) + 1)),
+        "categories": [g.category for g in grants],
+        "priorities": [g.priority for g in grants],
+        "days": [g.expires_in_days for g in grants],
+        "units": [g.units for g in grants],
+        "now": now,
+    }
+    each = (
+        "FROM unnest(%(users)s::text[]) AS u(user_id) "
+        "CROSS JOIN unnest(%(numbers)s::int[], %(categories)s::text[], %(priorities)s::int[], "
+        "%(days)s::int[], %(units)s::bigint[]) AS m(number, category, priority, days, units)"
+    )
+    entry_id = "'ctx_' || substr(md5('e/' || u.user_id || '/' || m.number), 1, 24)"
+    grant_id = "'grant_' || substr(md5('g/' || u.user_id || '/' || m.number), 1, 24)"
+    expires = "%(now)s::timestamp + m.days * interval '1 day'"
+    conn.execute(
+        "INSERT INTO credits (user_id, balance_units, last_seq, created_at, updated_at, "
+        "next_due_at, scheduled_units, last_grant_number) "
+        f"SELECT u.user_id, sum(m.units), count(*), %(now)s, %(now)s, min({expires}), 0, "
+        f"count(*) {each} GROUP BY u.user_id",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO credits_transactions (id, user_id, seq, type, amount_units, "
+        "balance_after_units, metadata_json, refunded_units, created_at, grant_id) "
+        f"SELECT {entry_id}, u.user_id, m.number, "
+        "CASE m.category WHEN 'paid' THEN 'topup' ELSE 'grant' END, m.units, "
+        "sum(m.units) OVER (PARTITION BY u.user_id ORDER BY m.number), '{}', 0, %(now)s, "
+        f"{grant_id} {each}",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO credits_grants (id, user_id, number, category, origin, amount_units, "
+        "remaining_units, held_units, priority, effective_at, expires_at, status, "
+        "metadata_json, transaction_id, created_at) "
+        f"SELECT {grant_id}, u.user_id, m.number, m.category, "
+        "CASE m.category WHEN 'paid' THEN 'topup' ELSE 'grant' END, m.units, m.units, 0, "
+        f"m.priority, %(now)s, {expires}, 'active', '{{}}', {entry_id}, %(now)s {each}",
+        params,
+    )
+
+
+def seed_accounts(dsn: str) -> None:
+    """Funded accounts, their grants, and the entries their balances came from.
+
+    One paid grant each: ``acct_0000``…``acct_0999`` (spread), the hot
+    account, the reader of the HTTP balance reads. Five grants each
+    (:data:`FIVE_GRANTS`): ``grants_0000``…``grants_0999`` and the hot
+    five-grant account. Bulk SQL: seconds, not minutes.
     """
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TEMP TABLE seed_users AS "
-            "SELECT %(prefix)s || lpad(g::text, 4, '0') AS user_id "
-            "FROM generate_series(0, %(last)s) AS g "
-            "UNION ALL SELECT unnest(%(extra)s::text[])",
-            {"prefix": ACCOUNT_PREFIX, "last": ACCOUNTS - 1, "extra": [HOT_USER, READER]},
-        )
-        conn.execute(
-            "INSERT INTO credits (user_id, balance_units, last_seq, created_at, updated_at) "
-            "SELECT user_id, %(balance)s, 1, now() AT TIME ZONE 'utc', "
-            "now() AT TIME ZONE 'utc' FROM seed_users",
-            {"balance": START_BALANCE},
-        )
-        conn.execute(
-            "INSERT INTO credits_transactions (id, user_id, seq, type, amount_units, "
-            "balance_after_units, metadata_json, refunded_units, created_at) "
-            "SELECT 'ctx_' || substr(md5(user_id), 1, 24), user_id, 1, 'topup', %(balance)s, "
-            "%(balance)s, '{}', 0, now() AT TIME ZONE 'utc' FROM seed_users",
-            {"balance": START_BALANCE},
-        )
+        _fund(conn, [account(i) for i in range(ACCOUNTS)] + [HOT_USER, READER], ONE_GRANT)
+        _fund(conn, [grants_account(i) for i in range(ACCOUNTS)] + [HOT_GRANTS_USER], FIVE_GRANTS)
         conn.execute("ANALYZE")
 
 
 def seed_history(dsn: str, user_id: str, count: int) -> None:
-    """``count`` top-ups of 1 USDC for one user: seq 1…count, balance_after chained."""
+    """``count`` top-ups of 1 USDC for one user, each with its grant: seq
+    1…count, balance_after chained."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO credits_transactions (id, user_id, seq, type, amount_units, "
-            "balance_after_units, metadata_json, refunded_units, created_at) "
+            "balance_after_units, metadata_json, refunded_units, created_at, grant_id) "
             "SELECT 'ctx_' || lpad(to_hex(s), 24, '0'), %(user)s, s, 'topup', 10000000, "
             "s * 10000000, '{}', 0, "
+            "timestamp '2026-01-01' + s * interval '1 second', "
+            "'grant_' || lpad(to_hex(s), 24, '0') "
+            "FROM generate_series(1::bigint, %(count)s) AS s",
+            {"user": user_id, "count": count},
+        )
+        conn.execute(
+            "INSERT INTO credits_grants (id, user_id, number, category, origin, amount_units, "
+            "remaining_units, held_units, priority, effective_at, status, metadata_json, "
+            "transaction_id, created_at) "
+            "SELECT 'grant_' || lpad(to_hex(s), 24, '0'), %(user)s, s, 'paid', 'topup', "
+            "10000000, 10000000, 0, 50, timestamp '2026-01-01' + s * interval '1 second', "
+            "'active', '{}', 'ctx_' || lpad(to_hex(s), 24, '0'), "
             "timestamp '2026-01-01' + s * interval '1 second' "
             "FROM generate_series(1::bigint, %(count)s) AS s",
             {"user": user_id, "count": count},
         )
         conn.execute(
-            "INSERT INTO credits (user_id, balance_units, last_seq, created_at, updated_at) "
+            "INSERT INTO credits (user_id, balance_units, last_seq, created_at, updated_at, "
+            "last_grant_number) "
             "VALUES (%(user)s, %(count)s::bigint * 10000000, %(count)s, timestamp '2026-01-01', "
-            "timestamp '2026-01-01' + %(count)s * interval '1 second')",
+            "timestamp '2026-01-01' + %(count)s * interval '1 second', %(count)s)",
             {"user": user_id, "count": count},
         )
         conn.execute("VACUUM ANALYZE credits_transactions")
+        conn.execute("VACUUM ANALYZE credits_grants")
 
 
 def make_token(user_id: str, scope: str | None = None) -> str:

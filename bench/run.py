@@ -3,7 +3,8 @@
 Creates a PostgreSQL database (migrated with ``callora_credits.migrate``),
 then measures and prints, as markdown tables of medians over repetitions:
 
-1. Domain core, in process: ``Ledger.charge`` and the balance read
+1. Domain core, in process: ``Ledger.charge`` (on accounts with one grant,
+   and drawing from one of five active grants) and the balance read
    (``get_or_create_by_user_id`` on an existing account), 1 and 8 client
    threads, on one hot account and spread over 1,000 accounts, against
    :mod:`baseline` (the same SQL through psycopg 3, no library code).
@@ -17,7 +18,8 @@ then measures and prints, as markdown tables of medians over repetitions:
 4. Memory: VmRSS/VmHWM of the gunicorn workers after 1,000 and after
    100,000 ``GET /credits`` requests.
 
-Then the goals, met or not. Everything is bounded in time, loopback only, and
+Then a check of the whole ledger and of the grants (including the rows the
+baseline wrote), and the goals, met or not. Everything is bounded in time, loopback only, and
 the servers and the database are removed however the run ends.
 
 Knobs (environment): BENCH_SECONDS (per in-process repetition, 1.5),
@@ -30,6 +32,7 @@ BENCH_SECTIONS (core,http,history,memory), BENCH_POSTGRES_URL, BENCH_FAST_PATH
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import platform
@@ -54,6 +57,8 @@ from common import (
     ACCOUNT_PREFIX,
     ACCOUNTS,
     BENCH_DIR,
+    FIRST_IN_ORDER,
+    HOT_GRANTS_USER,
     HOT_USER,
     JWT_SECRET,
     READER,
@@ -63,11 +68,13 @@ from common import (
     Server,
     account,
     create_database,
+    grants_account,
     libpq_dsn,
     make_token,
     memory_kib,
     seed_accounts,
     seed_history,
+    seeded_grant_id,
 )
 from sqlalchemy import event
 
@@ -90,6 +97,7 @@ HISTORY_USER = "history_user"
 HISTORY_SAMPLES = 200
 
 GOAL_CHARGE = 0.8
+GOAL_GRANTS_CHARGE = 0.8
 GOAL_READ = 0.8
 GOAL_HTTP_GET = 0.8
 GOAL_HISTORY = 1.5
@@ -138,6 +146,10 @@ def ratio_text(value: float) -> str:
 
 def met_text(met: bool) -> str:
     return "met" if met else "NOT met"
+
+
+#: What section 1's charges and reads touch, vacuumed before each case.
+HOT_TABLES = "credits, credits_grants"
 
 
 def vacuum(dsn: str, tables: str = "") -> None:
@@ -210,56 +222,107 @@ def _normalized(sql: str) -> str:
     return re.sub(r"%\(\w+\)s", "%(p)s", " ".join(sql.split()))
 
 
-def check_same_sql(ledger: Any) -> None:
-    """Warn when the library's statements drifted from bench/baseline.py."""
+def check_same_sql(ledger: Any, dsn: str, report: Report) -> None:
+    """Warn when the library's statements drifted from bench/baseline.py, or
+    when the two sides draw from different grants or answer different JSON."""
     captured: list[str] = []
 
     def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         captured.append(statement)
 
+    def sent(call: Callable[[], Any]) -> tuple[list[str], Any]:
+        captured.clear()
+        result = call()
+        return list(captured), result
+
     event.listen(ledger.engine, "before_cursor_execute", before)
     try:
-        ledger.charge(account(0), 1)
-        charge_sql = list(captured)
-        captured.clear()
-        ledger.get_or_create_by_user_id(account(0))
-        read_sql = list(captured)
+        charge_sql, _ = sent(lambda: ledger.charge(account(0), 1))
+        grants_sql, lib_entry = sent(lambda: ledger.charge(grants_account(0), 1))
+        read_sql, lib_balance = sent(lambda: ledger.get_or_create_by_user_id(grants_account(0)))
     finally:
         event.remove(ledger.engine, "before_cursor_execute", before)
-    expected_charge = [
-        baseline.CHARGE_UPDATE,
-        baseline.CHARGE_INSERT_ENTRY,
-        baseline.CHARGE_INSERT_IDEMPOTENCY,
-    ]
+    expected_charge = list(baseline.CHARGE_STATEMENTS)
     for name, got, want in (
         ("charge", charge_sql, expected_charge),
+        ("charge from one of 5 grants", grants_sql, expected_charge),
         ("balance read", read_sql, [baseline.BALANCE_SELECT]),
     ):
         same = [_normalized(s) for s in got] == [_normalized(s) for s in want]
         verdict = "identical to the baseline's" if same else "DIFFERENT from bench/baseline.py"
         say(f"- library {name}: {len(got)} statement(s), {verdict}")
         if not same:
+            report.notes.append(f"the library's {name} sent other statements than the baseline")
             for statement in got:
                 say(f"    {_normalized(statement)[:160]}")
+
+    conn = baseline.connect(dsn)
+    try:
+        base_entry, _ = baseline.charge(conn, grants_account(1), 1)
+        base_balance = baseline.balance_json(baseline.read_balance_row(conn, grants_account(0)))
+    finally:
+        conn.close()
+    drawn = {
+        "library": [(a.grant_id, a.amount_units) for a in lib_entry.allocations],
+        "baseline": [
+            (a["grant_id"], baseline_units(a["amount_usdc"])) for a in base_entry["allocations"]
+        ],
+    }
+    expected = {
+        "library": [(seeded_grant_id(grants_account(0), FIRST_IN_ORDER), 1)],
+        "baseline": [(seeded_grant_id(grants_account(1), FIRST_IN_ORDER), 1)],
+    }
+    same_draw = drawn == expected
+    say(
+        f"- charge from one of 5 grants: both sides drew from grant {FIRST_IN_ORDER} "
+        "(the first in consumption order)"
+        if same_draw
+        else f"- charge from one of 5 grants: DIFFERENT draws {drawn}, expected {expected}"
+    )
+    same_fields = list(lib_entry.as_json()) == list(base_entry)
+    say(
+        "- entry JSON: the same fields in the same order"
+        if same_fields
+        else f"- entry JSON: DIFFERENT fields {list(lib_entry.as_json())} vs {list(base_entry)}"
+    )
+    same_balance = lib_balance.as_json() == base_balance
+    say(
+        "- balance JSON of a five-grant account: identical on both sides"
+        if same_balance
+        else f"- balance JSON: DIFFERENT\n    {lib_balance.as_json()}\n    {base_balance}"
+    )
+    if not (same_draw and same_fields and same_balance):
+        report.notes.append("the library and the baseline answered differently (section 1)")
+
+
+def baseline_units(text: str) -> int:
+    whole, _, fraction = text.lstrip("-").partition(".")
+    units = int(whole) * baseline.UNITS_PER_USDC + int(fraction)
+    return -units if text.startswith("-") else units
 
 
 def section_core(ledger: Any, dsn: str, report: Report) -> None:
     say("## 1. Domain core, in process (ops/s, median of repetitions)")
     say()
-    check_same_sql(ledger)
+    check_same_sql(ledger, dsn, report)
     say()
     users = [account(i) for i in range(ACCOUNTS)]
+    five_grant_users = [grants_account(i) for i in range(ACCOUNTS)]
 
-    def pick(index: int, spread: bool) -> Callable[[], str]:
+    def pick(kind: str, index: int, spread: bool) -> Callable[[], str]:
+        # "grants": accounts with five active grants; the others have one.
+        many = kind == "grants"
         if not spread:
-            return lambda: HOT_USER
+            hot = HOT_GRANTS_USER if many else HOT_USER
+            return lambda: hot
+        chosen = five_grant_users if many else users
         rng = random.Random(index)
-        return lambda: users[rng.randrange(ACCOUNTS)]
+        return lambda: chosen[rng.randrange(ACCOUNTS)]
 
     def library(kind: str, spread: bool) -> MakeOp:
         def make(index: int) -> tuple[Op, Callable[[], object]]:
-            user = pick(index, spread)
-            if kind == "charge":
+            user = pick(kind, index, spread)
+            if kind != "read":
                 return (lambda n: ledger.charge(user(), 1)), (lambda: None)
             return (lambda n: ledger.get_or_create_by_user_id(user())), (lambda: None)
 
@@ -267,21 +330,27 @@ def section_core(ledger: Any, dsn: str, report: Report) -> None:
 
     def floor(kind: str, spread: bool) -> MakeOp:
         def make(index: int) -> tuple[Op, Callable[[], object]]:
-            user = pick(index, spread)
+            user = pick(kind, index, spread)
             conn = baseline.connect(dsn)
-            if kind == "charge":
+            if kind != "read":
                 return (lambda n: baseline.charge(conn, user(), 1)), conn.close
             return (lambda n: baseline.read_balance_row(conn, user())), conn.close
 
         return make
 
     rows = []
-    ratios: dict[str, list[float]] = {"charge": [], "read": []}
-    goals = {"charge": GOAL_CHARGE, "read": GOAL_READ}
-    for kind in ("charge", "read"):
+    kinds = ("charge", "grants", "read")
+    labels = {
+        "charge": "Ledger.charge",
+        "grants": "Ledger.charge, 1 of 5 grants",
+        "read": "balance read",
+    }
+    ratios: dict[str, list[float]] = {kind: [] for kind in kinds}
+    goals = {"charge": GOAL_CHARGE, "grants": GOAL_GRANTS_CHARGE, "read": GOAL_READ}
+    for kind in kinds:
         for clients in CLIENTS:
             for spread in (False, True):
-                vacuum(dsn, "credits")
+                vacuum(dsn, HOT_TABLES)
                 lib, base = library(kind, spread), floor(kind, spread)
                 # Warm-up: fills the library's pool, lets psycopg prepare.
                 throughput(lib, clients, 0.5)
@@ -296,7 +365,7 @@ def section_core(ledger: Any, dsn: str, report: Report) -> None:
                 base_cpu = statistics.median(run[1] for run in base_runs)
                 ratio = lib_ops / base_ops
                 placement = f"{ACCOUNTS:,} accounts" if spread else "1 hot account"
-                label = "Ledger.charge" if kind == "charge" else "balance read"
+                label = labels[kind]
                 ratios[kind].append(ratio)
                 goal = f">= {goals[kind]}x: {met_text(ratio >= goals[kind])}"
                 rows.append(
@@ -330,7 +399,12 @@ def section_core(ledger: Any, dsn: str, report: Report) -> None:
     if retries:
         say(f"Library retries during the run: {retries}")
         say()
-    for kind, label in (("charge", "charge"), ("read", "balance read")):
+    goal_names = {
+        "charge": "charge",
+        "grants": "charge drawing from one of 5 active grants",
+        "read": "balance read",
+    }
+    for kind, label in goal_names.items():
         worst = min(ratios[kind])
         report.goals.append(
             Goal(
@@ -472,6 +546,58 @@ def start(cleanup: Cleanup, name: str, target: str, env: dict[str, str], logs: P
     )
 
 
+def answer(port: int, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
+    """One request to a server: its status and JSON body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Authorization": f"Bearer {token}"}
+    payload = None
+    if body is not None:
+        payload = json.dumps(body)
+        headers["Content-Type"] = "application/json"
+        headers["Idempotency-Key"] = "compare-" + uuid.uuid4().hex
+    try:
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def compare_answers(servers: dict[str, Server], reader: str, service: str, report: Report) -> None:
+    """Check that the bare view answers what the library answers: the same
+    balance, and a charge entry with the same fields drawing from the same grant."""
+    reads = {
+        name: answer(server.port, "GET", "/api/billing/credits", reader)
+        for name, server in servers.items()
+    }
+    same_read = reads["library"] == reads["bare"]
+    body = {"user_id": account(0), "amount_usdc": "0.0000001"}
+    charges = {
+        name: answer(server.port, "POST", "/api/billing/credits/charge", service, body)
+        for name, server in servers.items()
+    }
+
+    def shape(status: int, entry: Any) -> Any:
+        if not isinstance(entry, dict):
+            return status, entry
+        return status, list(entry), entry.get("allocations"), entry.get("amount_usdc")
+
+    same_charge = shape(*charges["library"]) == shape(*charges["bare"])
+    say(
+        "- GET /credits: the same JSON from both apps"
+        if same_read
+        else f"- GET /credits: DIFFERENT answers {reads}"
+    )
+    say(
+        "- POST /credits/charge: the same status, fields and allocations from both apps"
+        if same_charge
+        else f"- POST /credits/charge: DIFFERENT answers {charges}"
+    )
+    say()
+    if not (same_read and same_charge):
+        report.notes.append("the library and the bare view answered differently (section 2)")
+
+
 def section_http(
     url: str, dsn: str, cleanup: Cleanup, logs: Path, load: Load, report: Report
 ) -> None:
@@ -488,6 +614,7 @@ def section_http(
     reader, service = make_token(READER), make_token(SERVICE, "credits:charge")
     for server in servers.values():
         server.wait_ready("/api/billing/credits", reader)
+    compare_answers(servers, reader, service, report)
     cases = [
         ("GET /credits", "/api/billing/credits", "get", reader),
         ("POST /credits/charge", "/api/billing/credits/charge", "charge", service),
@@ -752,6 +879,44 @@ def section_memory(
     )
 
 
+# --- after the run --------------------------------------------------------------------
+
+GRANT_CHECKS = {
+    "balance != its grants' remaining + held": (
+        "SELECT c.user_id FROM credits c LEFT JOIN ("
+        "SELECT user_id, sum(remaining_units + held_units) AS units FROM credits_grants "
+        "WHERE status <> 'scheduled' GROUP BY user_id) g ON g.user_id = c.user_id "
+        "WHERE c.balance_units <> coalesce(g.units, 0)"
+    ),
+    "charge whose allocations do not add up to its amount": (
+        "SELECT t.user_id FROM credits_transactions t LEFT JOIN ("
+        "SELECT entry_id, sum(amount_units) AS units FROM credits_allocations "
+        "WHERE entry_id IS NOT NULL GROUP BY entry_id) a ON a.entry_id = t.id "
+        "WHERE t.type = 'charge' AND coalesce(a.units, 0) <> -t.amount_units"
+    ),
+    # The run writes no refunds, holds, expiries or voids.
+    "grant amount != remaining + held + what charges drew": (
+        "SELECT g.user_id FROM credits_grants g LEFT JOIN ("
+        "SELECT grant_id, sum(amount_units) AS units FROM credits_allocations "
+        "WHERE entry_id IS NOT NULL GROUP BY grant_id) a ON a.grant_id = g.id "
+        "WHERE g.amount_units <> g.remaining_units + g.held_units + coalesce(a.units, 0)"
+    ),
+}
+
+
+def check_grants(dsn: str) -> list[str]:
+    """The grants as written, by both sides: each balance is the sum of its
+    grants, each charge's allocations sum to its amount, and each grant's
+    amount is what is left of it plus what was drawn from it."""
+    problems = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for problem, sql in GRANT_CHECKS.items():
+            users = [row[0] for row in conn.execute(sql + " LIMIT 5").fetchall()]
+            if users:
+                problems.append(f"{problem}: {', '.join(users)}")
+    return problems
+
+
 # --- main -----------------------------------------------------------------------------
 
 
@@ -788,7 +953,10 @@ def main() -> int:
         url = create_database(cleanup)
         dsn = libpq_dsn(url)
         seed_accounts(dsn)
-        say(f"- database: {dsn.rsplit('/', 1)[-1]} (migrated, {ACCOUNTS:,} funded accounts)")
+        say(
+            f"- database: {dsn.rsplit('/', 1)[-1]} (migrated, {ACCOUNTS:,} funded accounts "
+            f"with one grant, {ACCOUNTS:,} with five)"
+        )
         load = Load(find_wrk() if SECTIONS & {"http", "memory"} else None)
         say()
         logs = Path(tempfile.mkdtemp(prefix="callora-bench-"))
@@ -824,6 +992,18 @@ def main() -> int:
             for mismatch in checked.mismatches[:10]:
                 say(f"- {mismatch.user_id}: {mismatch.problem}")
             raise RuntimeError("the benchmark left the ledger inconsistent")
+        started = time.perf_counter()
+        problems = check_grants(dsn)
+        say(
+            f"Grant check after the run (balances = their grants, allocations = their "
+            f"charges): {'consistent' if not problems else 'MISMATCHES'} "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
+        say()
+        if problems:
+            for problem in problems:
+                say(f"- {problem}")
+            raise RuntimeError("the benchmark left the grants inconsistent")
         say("## Goals")
         say()
         table(
