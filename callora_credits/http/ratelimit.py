@@ -95,12 +95,13 @@ class _OutageLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().__init__(log, {})
         self._lock = threading.Lock()
         self._next = 0.0
+        self.clock = time.monotonic
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level < logging.ERROR:
             log.debug("credits: flask-limiter: " + str(msg), *args)
             return
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if now < self._next:
                 return
