@@ -160,11 +160,14 @@ def test_retry_after_survives_a_later_rewrite_to_zero(
     the header sent is whole seconds, at least 1, whatever ran after."""
     app = limited(host, CREDITS_RATE_LIMIT="1/minute")
 
-    @app.after_request
     def truncate(response: Any) -> Any:
         if response.status_code == 429:
             response.headers["Retry-After"] = "0"
         return response
+
+    # The app's after-request functions run last-registered first: this one
+    # runs after every other, Flask-Limiter's included.
+    app.after_request_funcs.setdefault(None, []).insert(0, truncate)
 
     client = app.test_client()
     assert client.get(BALANCE, headers=bearer(user_id)).status_code == 200
@@ -249,13 +252,13 @@ def test_the_token_is_verified_once_per_request(
 
     app = limited(host, CREDITS_RATE_LIMIT="5/minute")
     calls = []
-    real = auth.authenticate
+    real = auth.verify_jwt_in_request
 
-    def counting(*args: Any) -> Any:
+    def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(auth, "authenticate", counting)
+    monkeypatch.setattr(auth, "verify_jwt_in_request", counting)
     assert app.test_client().get(BALANCE, headers=bearer(user_id)).status_code == 200
     assert len(calls) == 1
 
