@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,18 @@ def create_app() -> Flask:
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)
     return app
+
+
+def bearer(user: str, scopes: str | None = None) -> dict[str, str]:
+    """The Authorization header of a token for ``user`` with ``scopes``."""
+    from conftest import make_token
+
+    return {"Authorization": f"Bearer {make_token(user, scopes=scopes)}"}
+
+
+def fresh(prefix: str = "user") -> str:
+    """An id no other test uses."""
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
 def closed_port() -> int:
@@ -127,8 +140,10 @@ class OpsServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited at start-up:\n{self.log_text()[-3000:]}")
             if self.log_text().count("Booting worker with pid") >= 2:
+                # A host route (401 without a token): the start-up check spends
+                # no rate limit budget and shows in no credits metric.
                 with contextlib.suppress(OSError):
-                    if self.request("GET", "/api/billing/openapi.json").status == 200:
+                    if self.request("GET", "/api/projects").status == 401:
                         return
             time.sleep(0.1)
         raise RuntimeError(f"gunicorn did not become ready:\n{self.log_text()[-3000:]}")

@@ -14,53 +14,21 @@ Redis keys under a prefix of its own and deletes them at the end.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ADMIN_SCOPE, SECRET, SERVICE_SCOPE, Databases, assert_error, make_token
+from conftest import ADMIN_SCOPE, REDIS_URL, SECRET, SERVICE_SCOPE, Databases, assert_error
 from flask import Flask
-from ops_server import OpsServer, closed_port
+from ops_server import OpsServer, bearer, closed_port, fresh
 
 from callora_credits import UNITS_PER_USDC
 from callora_credits.http import ratelimit
 
 BALANCE = "/api/billing/credits"
-REDIS_URL = os.environ.get("CREDITS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-
-
-def bearer(user: str, scopes: str | None = None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {make_token(user, scopes=scopes)}"}
-
-
-def fresh(prefix: str = "user") -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own in the shared Redis; its keys are
-    deleted afterwards."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"Redis does not answer at {REDIS_URL}")
-    prefix = f"credits-test-{uuid.uuid4().hex[:12]}"
-    yield prefix
-    keys = list(client.scan_iter(match=f"*{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 # --- in process ----------------------------------------------------------------------
