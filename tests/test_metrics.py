@@ -213,6 +213,39 @@ def test_apps_share_one_registry_and_a_clash_says_how_to_fix_it(
         host(CREDITS_METRICS_REGISTRY=taken)
 
 
+def test_the_example_app_serves_the_metrics(
+    databases: Databases, user_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ops_server import EXAMPLES_DIR
+
+    monkeypatch.syspath_prepend(str(EXAMPLES_DIR))
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    from host_app import create_app
+
+    app = create_app(
+        {"SQLALCHEMY_DATABASE_URI": databases.url("sqlite"), "JWT_SECRET_KEY": SECRET}
+    )
+    client = app.test_client()
+    before = client.get("/metrics").get_data(as_text=True)
+    assert client.get(CREDITS, headers=bearer(user_id)).status_code == 200
+    scraped = client.get("/metrics")
+    assert scraped.status_code == 200
+    assert scraped.mimetype == "text/plain"
+
+    def reads(text: str) -> float:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "credits_http_requests_total" and sample.labels == {
+                    "route": CREDITS,
+                    "method": "GET",
+                    "status": "200",
+                }:
+                    return sample.value
+        return 0.0
+
+    assert reads(scraped.get_data(as_text=True)) == reads(before) + 1
+
+
 # --- under gunicorn ------------------------------------------------------------------
 
 
