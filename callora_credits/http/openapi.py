@@ -62,6 +62,8 @@ ERROR_MEANINGS = {
     "REFUND_EXCEEDS_CHARGE": "the refund is larger than what is left of the charge.",
     "BALANCE_LIMIT_EXCEEDED": "the balance, with the grants still scheduled, would pass "
     "`CREDITS_MAX_BALANCE_USDC`.",
+    "RATE_LIMITED": "the caller used up a rate limit (`CREDITS_RATE_LIMIT`, "
+    "`CREDITS_RATE_LIMIT_WRITE`); retry after `Retry-After` seconds.",
     "INTERNAL_SERVER_ERROR": "an unexpected failure; the body says nothing more, the "
     "log has the detail under the request id.",
 }
@@ -76,6 +78,7 @@ _STATUS_TEXT = {
     409: "Conflict",
     413: "Payload too large",
     422: "Unprocessable",
+    429: "Too many requests",
     500: "Internal server error",
 }
 

@@ -30,6 +30,7 @@ from ..errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     RefundExceedsCharge,
     Unauthorized,
     ValidationError,
@@ -62,6 +63,7 @@ STATUS: dict[type[CreditsError], int] = {
     HoldAmountExceeded: 422,
     RefundExceedsCharge: 422,
     BalanceLimitExceeded: 422,
+    RateLimited: 429,
 }
 
 
