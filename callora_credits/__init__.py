@@ -15,6 +15,7 @@ from .core.money import parse_amount as parse_amount
 from .core.pagination import Page as Page
 from .core.records import Balance as Balance
 from .core.records import Entry as Entry
+from .core.records import Grant as Grant
 from .core.records import Hold as Hold
 from .db.models import metadata as metadata
 from .errors import CreditsError as CreditsError
@@ -34,6 +35,7 @@ __all__ = [
     "Caller",
     "CreditsError",
     "Entry",
+    "Grant",
     "Hold",
     "Ledger",
     "Page",

@@ -26,6 +26,7 @@ SHIPPED = [
     "callora_credits/migrations/script.py.mako",
     "callora_credits/migrations/versions/__init__.py",
     "callora_credits/migrations/versions/0001_initial.py",
+    "callora_credits/migrations/versions/0002_grants.py",
 ]
 # Anything below these is not part of the package.
 SOURCE_ONLY = (".git", ".venv", "build", "dist", "tests", "examples", "docs", "bench")
