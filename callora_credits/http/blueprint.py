@@ -32,6 +32,7 @@ from ..errors import (
     ValidationError,
 )
 from ..extension import EXTENSION_KEY, CreditsState, check_engine
+from .conditional import apply_conditional
 from .responses import error_body, new_request_id, sanitize_request_id, status_of
 
 __all__ = [
@@ -282,6 +283,7 @@ def _finish(response: Response) -> Response:
     # browser sniffs a JSON body into something else.
     headers["Cache-Control"] = "no-store"
     headers["X-Content-Type-Options"] = "nosniff"
+    response = apply_conditional(response)
     if not log.isEnabledFor(logging.INFO):
         return response
     started = request.environ.get("callora_credits.started")

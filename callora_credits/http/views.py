@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timezone
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from flask import Response, request
 
@@ -18,6 +18,7 @@ from ..core.operations import (
     TopUp,
 )
 from ..core.records import Entry, Hold
+from ..core.usage import Granularity
 from ..errors import (
     BalanceLimitExceeded,
     DuplicateReference,
@@ -37,6 +38,7 @@ from ..errors import (
 from ..extension import ledger_for
 from .auth import Caller
 from .blueprint import json_response, operation, register_routing_fallbacks
+from .conditional import data_of
 from .requests import NoQuery, identify, page_limit, parse_query, write_request
 from .schemas import (
     AdjustmentIn,
@@ -54,6 +56,8 @@ from .schemas import (
     ReleaseIn,
     TopUpIn,
     TransactionsQuery,
+    UsageOut,
+    UsageQuery,
     balance_json,
     page_json,
 )
@@ -84,6 +88,7 @@ def _visible(found: Owned | None, caller: Caller, cfg: CreditsConfig, missing: s
     same as for an id that does not exist, so ids cannot be probed."""
     if found is None or (found.user_id != caller.user_id and not caller.is_admin(cfg)):
         raise NotFound(missing)
+    data_of(found.user_id)
     return found
 
 
@@ -108,6 +113,7 @@ def get_balance() -> Response:
     caller = identify(cfg)
     query: BalanceQuery = parse_query(BalanceQuery)
     user_id = caller.target_user(query.user_id, cfg)
+    data_of(user_id)
     balance = ledger_for(cfg).get_or_create_by_user_id(user_id)
     return json_response(balance_json(balance))
 
@@ -213,6 +219,7 @@ def list_transactions() -> Response:
     caller = identify(cfg)
     query: TransactionsQuery = parse_query(TransactionsQuery)
     user_id = caller.target_user(query.user_id, cfg)
+    data_of(user_id)
     for name in ("since", "until"):
         value = getattr(query, name)
         if value is not None and value.tzinfo is not None:
@@ -285,6 +292,7 @@ def list_holds() -> Response:
     caller = identify(cfg)
     query: HoldsQuery = parse_query(HoldsQuery)
     user_id = caller.target_user(query.user_id, cfg)
+    data_of(user_id)
     page = ledger_for(cfg).pending_holds(
         user_id, limit=page_limit(query.limit, cfg), cursor=query.cursor
     )
@@ -341,6 +349,36 @@ def release_hold(hold_id: str) -> Response:
     """Give the whole reservation back."""
     req = write_request(ReleaseIn, admin=False)
     return req.run(req.build(Release, hold_id=hold_id))
+
+
+@operation(
+    "/credits/usage",
+    "GET",
+    summary="Summarise usage",
+    scope="self",
+    response=UsageOut,
+    query=UsageQuery,
+    errors=(*READ_ERRORS, Forbidden),
+    description="The ledger summed per UTC hour or day: every bucket that overlaps "
+    "`[since, until)`, oldest first, empty ones with zeros, at most 400. Amounts are "
+    "unsigned: `credited_usdc - debited_usdc - expired_usdc` is the bucket's change in "
+    "balance. `depletion_estimate` says when the available balance runs out at the pace "
+    "of the last 7 days (`null` when nothing was debited in them).",
+)
+def usage() -> Response:
+    """The caller's usage per hour or day, and when their credits run out."""
+    cfg = config()
+    caller = identify(cfg)
+    query: UsageQuery = parse_query(UsageQuery)
+    user_id = caller.target_user(query.user_id, cfg)
+    data_of(user_id)
+    # The ledger refuses a granularity other than hour or day (the same
+    # check for every door), so the query passes on what it was given.
+    granularity = cast(Granularity, "day" if query.granularity is None else query.granularity)
+    summary = ledger_for(cfg).usage(
+        user_id, since=query.since, until=query.until, granularity=granularity
+    )
+    return json_response(summary.as_json())
 
 
 @operation(
