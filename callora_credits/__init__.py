@@ -16,6 +16,9 @@ from .core.pagination import Page as Page
 from .core.records import Balance as Balance
 from .core.records import Entry as Entry
 from .core.records import Hold as Hold
+from .core.usage import DepletionEstimate as DepletionEstimate
+from .core.usage import Usage as Usage
+from .core.usage import UsageBucket as UsageBucket
 from .db.models import metadata as metadata
 from .errors import CreditsError as CreditsError
 from .extension import current_ledger as current_ledger
@@ -33,10 +36,13 @@ __all__ = [
     "Balance",
     "Caller",
     "CreditsError",
+    "DepletionEstimate",
     "Entry",
     "Hold",
     "Ledger",
     "Page",
+    "Usage",
+    "UsageBucket",
     "charge_credits",
     "credits_bp",
     "current_caller",

@@ -112,6 +112,7 @@ def test_help_lists_every_command_with_its_whole_summary(app):
         "prune",
         "reconcile",
         "topup",
+        "usage",
     }
 
 
