@@ -113,9 +113,8 @@ def usage_statement(
 def _bucket_start(value: Any) -> datetime:
     """A bucket as the engine returned it (a timestamp, or text) as naive UTC."""
     if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None)
+        stamp: datetime = value if value.tzinfo is None else value.astimezone(timezone.utc)
+        return stamp.replace(tzinfo=None)
     if isinstance(value, bytes):
         value = value.decode("ascii")
     return datetime.strptime(str(value), "%Y-%m-%d %H:%M:%S")
