@@ -47,6 +47,10 @@ setup(
     extras_require={
         "postgres": ["psycopg[binary]>=3.1"],
         "mysql": ["pymysql>=1.1"],
+        # CREDITS_RATE_LIMIT: Flask-Limiter, with Redis for limits shared across workers.
+        "ratelimit": ["flask-limiter[redis]>=3.8"],
+        # Prometheus metrics (docs/operations.md).
+        "metrics": ["prometheus-client>=0.20"],
     },
     # `flask credits` exists even when the app fails to import, so it can say
     # why (a missing driver) instead of "No such command 'credits'".

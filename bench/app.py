@@ -9,6 +9,11 @@ from the environment. Served by gunicorn with ``app:create_app()``.
 - ``BENCH_FAST_PATH=off``: the library's hot statements go through
   ``Connection.execute`` instead of the DBAPI cursor (what the cursor call
   saves; see docs/decisions.md)
+- ``BENCH_RATE_LIMIT`` / ``BENCH_RATE_LIMIT_STORAGE_URI``: ``CREDITS_RATE_LIMIT``
+  and its storage (default: no rate limits); ``BENCH_RATELIMIT_KEY_PREFIX``:
+  the run's own prefix in a shared Redis
+- ``BENCH_METRICS=on``: Prometheus metrics (``CREDITS_METRICS``; off by
+  default, so the other sections measure the library without them)
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ def create_app(database_url: str | None = None, pool_size: int | None = None) ->
             "BENCH_JWT_SECRET", "bench-secret-key-long-enough-for-hs256"
         ),
     )
+    app.config["CREDITS_METRICS"] = os.environ.get("BENCH_METRICS", "off") == "on"
+    if os.environ.get("BENCH_RATE_LIMIT"):
+        app.config.update(
+            CREDITS_RATE_LIMIT=os.environ["BENCH_RATE_LIMIT"],
+            CREDITS_RATE_LIMIT_STORAGE_URI=os.environ.get(
+                "BENCH_RATE_LIMIT_STORAGE_URI", "memory://"
+            ),
+            RATELIMIT_KEY_PREFIX=os.environ.get("BENCH_RATELIMIT_KEY_PREFIX", ""),
+        )
     db = SQLAlchemy()
     db.init_app(app)
     JWTManager(app)

@@ -16,6 +16,9 @@ then measures and prints, as markdown tables of medians over repetitions:
    ``Ledger.history`` (keyset), the same SQL raw, and OFFSET pagination.
 4. Memory: VmRSS/VmHWM of the gunicorn workers after 1,000 and after
    100,000 ``GET /credits`` requests.
+5. Operations (``ops``): ``GET /credits`` with rate limits on (Redis
+   storage) and with Prometheus metrics on (multi-process files), each
+   against the same app with both off.
 
 Then the goals, met or not. Everything is bounded in time, loopback only, and
 the servers and the database are removed however the run ends.
@@ -24,8 +27,9 @@ Knobs (environment): BENCH_SECONDS (per in-process repetition, 1.5),
 BENCH_HTTP_SECONDS (per HTTP repetition, 4), BENCH_REPS (5),
 BENCH_MEMORY_REQUESTS (100000), BENCH_WORKERS (2), BENCH_WORKER_CLASS (sync),
 BENCH_THREADS (1), BENCH_CONNECTIONS (8), BENCH_LOAD (auto|wrk|python),
-BENCH_SECTIONS (core,http,history,memory), BENCH_POSTGRES_URL, BENCH_FAST_PATH
-(on|off: off sends the library's hot statements through Connection.execute).
+BENCH_SECTIONS (core,http,history,memory,ops), BENCH_POSTGRES_URL, BENCH_FAST_PATH
+(on|off: off sends the library's hot statements through Connection.execute),
+BENCH_REDIS_URL (the ops section's rate limit storage, redis://127.0.0.1:6379).
 """
 
 from __future__ import annotations
@@ -81,7 +85,10 @@ WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
 WORKER_CLASS = os.environ.get("BENCH_WORKER_CLASS", "sync")
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "8"))
-SECTIONS = set(os.environ.get("BENCH_SECTIONS", "core,http,history,memory").split(","))
+SECTIONS = set(os.environ.get("BENCH_SECTIONS", "core,http,history,memory,ops").split(","))
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+# Never reached in a run: every request pays for the count, none is refused.
+OPS_RATE_LIMIT = "1000000000/minute"
 CLIENTS = (1, 8)
 HTTP_MAX_REQUESTS = 200_000  # per timed run: a count bound never reached on 2 cores
 HISTORY_DEPTH = 100_000
@@ -94,6 +101,8 @@ GOAL_READ = 0.8
 GOAL_HTTP_GET = 0.8
 GOAL_HISTORY = 1.5
 GOAL_MEMORY = 0.10  # peak RSS may grow by less than 10 %
+GOAL_RATE_LIMITS = 0.8
+GOAL_METRICS = 0.9
 
 
 @dataclass
@@ -752,6 +761,92 @@ def section_memory(
     )
 
 
+# --- 5. operations: rate limits and metrics ---------------------------------------------
+
+
+def _redis_cleanup(prefix: str) -> Callable[[], None]:
+    def delete() -> None:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"*{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+    return delete
+
+
+def section_ops(
+    url: str, dsn: str, cleanup: Cleanup, logs: Path, load: Load, report: Report
+) -> None:
+    say(
+        f"## 5. Operating it: GET /credits with rate limits and with metrics "
+        f"({WORKERS} {WORKER_CLASS} workers, {CONNECTIONS} connections, {load.name})"
+    )
+    say()
+    env = server_env(url, dsn)
+    prefix = f"credits-bench-{uuid.uuid4().hex[:12]}"
+    cleanup.push("delete the rate limit keys", _redis_cleanup(prefix))
+    multiproc = Path(tempfile.mkdtemp(prefix="callora-bench-prometheus-"))
+    cleanup.push("remove metric files", lambda: shutil.rmtree(multiproc, ignore_errors=True))
+    variants = {
+        "off": {**env, "BENCH_METRICS": "off"},
+        "rate limits": {
+            **env,
+            "BENCH_METRICS": "off",
+            "BENCH_RATE_LIMIT": OPS_RATE_LIMIT,
+            "BENCH_RATE_LIMIT_STORAGE_URI": REDIS_URL,
+            "BENCH_RATELIMIT_KEY_PREFIX": prefix,
+        },
+        "metrics": {
+            **env,
+            "BENCH_METRICS": "on",
+            "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+        },
+    }
+    servers = {
+        name: start(cleanup, f"ops-{name.replace(' ', '-')}", "app:create_app()", variant, logs)
+        for name, variant in variants.items()
+    }
+    reader = make_token(READER)
+    path = "/api/billing/credits"
+    for server in servers.values():
+        server.wait_ready(path, reader)
+        load.run(server.port, path, "get", reader, 2)  # warm-up
+    runs: dict[str, list[float]] = {name: [] for name in servers}
+    for _ in range(REPS):
+        for name, server in servers.items():
+            result = load.run(server.port, path, "get", reader, HTTP_SECONDS, HTTP_MAX_REQUESTS)
+            if result["unexpected"]:
+                raise RuntimeError(
+                    f"ops {name}: {result['unexpected']} unexpected statuses (a 429 means "
+                    "the limit was reached)\n" + server.log_tail()
+                )
+            runs[name].append(result["rps"])
+    for server in servers.values():
+        server.stop()
+    say("  measured GET /credits")
+    say()
+    off = statistics.median(runs["off"])
+    rows = [["both off", f"{off:,.0f}", "1.00x", ""]]
+    for name, goal in (("rate limits", GOAL_RATE_LIMITS), ("metrics", GOAL_METRICS)):
+        rps = statistics.median(runs[name])
+        ratio = rps / off
+        label = (
+            f"rate limits on (Redis, {OPS_RATE_LIMIT})"
+            if name == "rate limits"
+            else "metrics on (PROMETHEUS_MULTIPROC_DIR)"
+        )
+        rows.append(
+            [label, f"{rps:,.0f}", ratio_text(ratio), f">= {goal}x: {met_text(ratio >= goal)}"]
+        )
+        report.goals.append(
+            Goal(f"GET /credits with {name} on >= {goal}x off", ratio_text(ratio), ratio >= goal)
+        )
+    table(["GET /credits", "req/s", "vs both off", "goal"], rows)
+
+
 # --- main -----------------------------------------------------------------------------
 
 
@@ -789,7 +884,7 @@ def main() -> int:
         dsn = libpq_dsn(url)
         seed_accounts(dsn)
         say(f"- database: {dsn.rsplit('/', 1)[-1]} (migrated, {ACCOUNTS:,} funded accounts)")
-        load = Load(find_wrk() if SECTIONS & {"http", "memory"} else None)
+        load = Load(find_wrk() if SECTIONS & {"http", "memory", "ops"} else None)
         say()
         logs = Path(tempfile.mkdtemp(prefix="callora-bench-"))
         cleanup.push("remove logs", lambda: shutil.rmtree(logs, ignore_errors=True))
@@ -811,6 +906,8 @@ def main() -> int:
             section_history(ledger, dsn, report)
         if "memory" in SECTIONS:
             section_memory(url, dsn, cleanup, logs, load, report)
+        if "ops" in SECTIONS:
+            section_ops(url, dsn, cleanup, logs, load, report)
 
         started = time.perf_counter()
         checked = ledger.reconcile()

@@ -30,6 +30,12 @@ DEFAULTS: Mapping[str, Any] = {
     "CREDITS_DB_RETRIES": 10,
     "CREDITS_DB_RETRY_SECONDS": 5,
     "CREDITS_BIND_KEY": None,
+    "CREDITS_RATE_LIMIT": None,
+    "CREDITS_RATE_LIMIT_WRITE": None,
+    "CREDITS_RATE_LIMIT_STORAGE_URI": "memory://",
+    "CREDITS_RATE_LIMITER": None,
+    "CREDITS_METRICS": True,
+    "CREDITS_METRICS_REGISTRY": None,
 }
 
 
@@ -68,6 +74,30 @@ class CreditsConfig:
         #: The Flask-SQLAlchemy bind the ledger's tables live on; ``None`` is
         #: the default database.
         self.bind_key: str | None = bind_key
+        #: One budget per caller across every credits route, and one more for
+        #: POSTs (Flask-Limiter strings such as ``"20/second;1000/minute"``).
+        self.rate_limit = _limit_string("CREDITS_RATE_LIMIT", get("CREDITS_RATE_LIMIT"))
+        self.rate_limit_write = _limit_string(
+            "CREDITS_RATE_LIMIT_WRITE", get("CREDITS_RATE_LIMIT_WRITE")
+        )
+        self.rate_limit_storage_uri = str(get("CREDITS_RATE_LIMIT_STORAGE_URI"))
+        #: A host's own ``flask_limiter.Limiter`` to register the limits on.
+        self.rate_limiter: Any = get("CREDITS_RATE_LIMITER")
+        #: Collect Prometheus metrics (when ``prometheus_client`` is installed).
+        self.metrics = bool(get("CREDITS_METRICS"))
+        #: The ``prometheus_client`` registry; ``None`` is its default ``REGISTRY``.
+        self.metrics_registry: Any = get("CREDITS_METRICS_REGISTRY")
+
+
+def _limit_string(key: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{key} must be None (off) or a Flask-Limiter limit string such as "
+            f'"20/second;1000/minute", not {value!r}'
+        )
+    return value
 
 
 _CACHE_KEY = "callora_credits.config"

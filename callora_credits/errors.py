@@ -27,6 +27,7 @@ __all__ = [
     "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
+    "RateLimited",
     "RefundExceedsCharge",
     "Unauthorized",
     "ValidationError",
@@ -133,6 +134,14 @@ class DuplicateReference(CreditsError):
 class PayloadTooLarge(CreditsError):
     code = "PAYLOAD_TOO_LARGE"
     default_message = "Request body is too large"
+
+
+class RateLimited(CreditsError):
+    """The caller has used up a rate limit (``CREDITS_RATE_LIMIT``); never stored
+    under an idempotency key, so the same request may be sent again later."""
+
+    code = "RATE_LIMITED"
+    default_message = "Too many requests; retry after the time in Retry-After"
 
 
 class IdempotencyConflict(CreditsError):

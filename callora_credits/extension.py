@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from flask import Flask, current_app
 from flask.sansio.app import App
@@ -15,13 +15,17 @@ from .core.clock import Clock, utcnow
 from .core.ledger import Ledger
 from .db.unit_of_work import RetryStats
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 __all__ = ["CreditsState", "check_engine", "current_ledger", "engine_for", "ledger_for", "state"]
 
 EXTENSION_KEY = "callora_credits"
 
 
 class CreditsState:
-    """What the library keeps per app: the clock, retry counts, the ledger.
+    """What the library keeps per app: the clock, retry counts, the ledger,
+    and the metrics when they are collected.
 
     ``clock`` is the one clock hold expiry is compared against (the app's, in
     UTC); tests replace it to move time.
@@ -30,6 +34,7 @@ class CreditsState:
     def __init__(self) -> None:
         self.clock: Clock = utcnow
         self.stats = RetryStats()
+        self.metrics: Metrics | None = None
         self._ledger: Ledger | None = None
 
     def ledger(self, engine: Engine, config: CreditsConfig, sender: Any = None) -> Ledger:
@@ -42,7 +47,19 @@ class CreditsState:
             and cached.sender is sender
         ):
             return cached
-        self._ledger = Ledger(engine, config, clock=self._now, stats=self.stats, sender=sender)
+        if self.metrics is None:
+            self._ledger = Ledger(engine, config, clock=self._now, stats=self.stats, sender=sender)
+        else:
+            from .metrics import MeteredLedger
+
+            self._ledger = MeteredLedger(
+                engine,
+                config,
+                clock=self._now,
+                stats=self.stats,
+                sender=sender,
+                metrics=self.metrics,
+            )
         return self._ledger
 
     def _now(self) -> datetime:

@@ -27,6 +27,8 @@ from sqlalchemy.engine import make_url
 from callora_credits import credits_bp, migrate
 
 SECRET = "test-secret-key-that-is-long-enough-for-hs256"
+#: The Redis of the rate limit tests (shared: each test keeps to a key prefix of its own).
+REDIS_URL = os.environ.get("CREDITS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 ENV_URLS = {
     "postgresql": "CREDITS_TEST_POSTGRES_URL",
     "mysql": "CREDITS_TEST_MYSQL_URL",
@@ -255,3 +257,25 @@ def rsa_keys() -> tuple[str, str]:
         .decode()
     )
     return private_pem, public_pem
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own in the shared Redis (``RATELIMIT_KEY_PREFIX``);
+    its keys are deleted afterwards. Skipped when Redis does not answer, except
+    under ``CI=true``."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"Redis does not answer at {REDIS_URL}")
+    prefix = f"credits-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    keys = list(client.scan_iter(match=f"*{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

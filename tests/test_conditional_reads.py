@@ -341,3 +341,21 @@ def test_only_200s_to_reads_are_tagged(world):
     assert captured.status_code == 200
     assert captured.get_json()["status"] == "captured"
     assert "ETag" not in captured.headers
+
+
+def test_a_304_spends_the_rate_limit_budget_and_keeps_its_headers(host, user_id):
+    app = host(CREDITS_RATE_LIMIT="3/minute", CREDITS_RATE_LIMIT_STORAGE_URI="memory://")
+    client = app.test_client()
+    mine = {"Authorization": f"Bearer {make_token(user_id)}"}
+    tag = _tag_of(client.get(BASE, headers=mine))
+    polled = {**mine, "If-None-Match": tag}
+
+    for remaining in ("1", "0"):
+        unchanged = client.get(BASE, headers=polled)
+        assert_not_modified(unchanged, tag)
+        assert unchanged.headers["X-RateLimit-Limit"] == "3"
+        assert unchanged.headers["X-RateLimit-Remaining"] == remaining
+    # Over the limit, the 429 comes first: no 304 skips the limiter either.
+    over = client.get(BASE, headers=polled)
+    assert_error(over, 429, "RATE_LIMITED")
+    assert "ETag" not in over.headers

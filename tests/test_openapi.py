@@ -584,9 +584,10 @@ def test_every_code_is_answered_somewhere():
     """No code in the library (and so in docs/errors.md) that nothing answers with."""
     declared = {code for op in OPERATIONS for code in op.errors}
     # The catch-all under /credits answers these for paths and methods no
-    # operation has.
+    # operation has; rate limits, when configured, answer before any route.
     routing = {"NOT_FOUND", "METHOD_NOT_ALLOWED"}
-    assert declared | routing == set(error_statuses())
+    rate_limits = {"RATE_LIMITED"}
+    assert declared | routing | rate_limits == set(error_statuses())
 
 
 def _api_md_errors() -> dict[tuple[str, str], str]:

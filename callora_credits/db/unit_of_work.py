@@ -63,15 +63,21 @@ class Tx:
 
 
 class RetryStats:
-    """Counts retries per reason; read by tests and benchmarks."""
+    """Counts retries per reason; read by tests and benchmarks.
+
+    ``listeners`` are called with the reason of each retry (metrics count them).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: dict[str, int] = {}
+        self.listeners: list[Callable[[str], object]] = []
 
     def add(self, reason: str) -> None:
         with self._lock:
             self.counts[reason] = self.counts.get(reason, 0) + 1
+        for listener in self.listeners:
+            listener(reason)
 
     @property
     def total(self) -> int:

@@ -37,7 +37,14 @@ from ..config import CreditsConfig, config
 from ..core.operations import valid_identity
 from ..errors import Forbidden, Unauthorized
 
-__all__ = ["Caller", "authenticate", "current_caller", "scope_required", "valid_identity"]
+__all__ = [
+    "Caller",
+    "authenticate",
+    "current_caller",
+    "request_caller",
+    "scope_required",
+    "valid_identity",
+]
 
 USER_ID_HEADER = "X-User-Id"
 _JWT_EXTENSION = "flask-jwt-extended"
@@ -172,6 +179,26 @@ def authenticate(headers: Headers, cfg: CreditsConfig) -> Caller:
                 raise Unauthorized("X-User-Id must be 1-128 printable characters")
             return Caller(user_id, frozenset(), "header")
     raise Unauthorized()
+
+
+_CALLER_KEY = "callora_credits.caller"
+
+
+def request_caller(cfg: CreditsConfig) -> Caller:
+    """:func:`authenticate` once per request: the rate limiter keys on the
+    caller before the view runs, and the view then reuses the same answer
+    (the caller, or the same 401) instead of verifying the token again."""
+    environ = request.environ
+    found: Caller | Unauthorized | None = environ.get(_CALLER_KEY)
+    if found is None:
+        try:
+            found = authenticate(request.headers, cfg)
+        except Unauthorized as refused:
+            found = refused
+        environ[_CALLER_KEY] = found
+    if isinstance(found, Unauthorized):
+        raise Unauthorized(found.message, found.code)
+    return found
 
 
 def current_caller() -> Caller:

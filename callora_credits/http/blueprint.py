@@ -10,11 +10,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Flask, Response, current_app, request
 from flask.blueprints import BlueprintSetupState
 from pydantic import BaseModel
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
@@ -28,6 +29,7 @@ from ..errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     Unauthorized,
     ValidationError,
 )
@@ -223,10 +225,17 @@ def _setup(setup_state: BlueprintSetupState) -> None:
             "to accept X-User-Id."
         )
     from ..config import CreditsConfig
+    from ..metrics import setup_metrics
+    from .ratelimit import setup_rate_limits
 
     # Fail now, not on the first request, on a bad limit or a missing bind.
-    check_engine(app, CreditsConfig(app.config))
-    app.extensions[EXTENSION_KEY] = CreditsState()
+    cfg = CreditsConfig(app.config)
+    check_engine(app, cfg)
+    credits_state = CreditsState()
+    # A blueprint's setup state types the app as Flask's sans-io base.
+    setup_metrics(cast(Flask, app), cfg, credits_state)
+    setup_rate_limits(cast(Flask, app), cfg, app.extensions)
+    app.extensions[EXTENSION_KEY] = credits_state
 
 
 def printable(text: str) -> str:
@@ -268,9 +277,47 @@ def error_response(error: CreditsError) -> Response:
     return response
 
 
+class _RateLimitedResponse(Response):
+    """A 429 whose ``Retry-After`` is settled as it is sent.
+
+    Flask-Limiter's own after-request hook is the app's, so it runs after the
+    blueprint's and rewrites ``Retry-After`` as the truncated seconds left,
+    which can be 0; the header sent is whole seconds, at least 1.
+    """
+
+    retry_after_seconds = 1
+
+    def get_wsgi_headers(self, environ: Any) -> Headers:
+        headers = super().get_wsgi_headers(environ)
+        headers["Retry-After"] = str(self.retry_after_seconds)
+        return headers
+
+
+def _rate_limited_response() -> Response:
+    from .ratelimit import rate_limited
+
+    error, seconds = rate_limited()
+    rid = request_id()
+    response = _RateLimitedResponse(
+        dumps(error_body(error.code, error.message, rid)),
+        status=status_of(RateLimited),
+        mimetype="application/json",
+    )
+    response.retry_after_seconds = seconds
+    response.headers["Retry-After"] = str(seconds)
+    response.headers["X-Request-Id"] = rid
+    return response
+
+
+@credits_bp.url_value_preprocessor
+def _mark_start(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    # URL value preprocessors run before every before_request hook, the app's
+    # too: a request a rate limiter refuses there is still timed.
+    request.environ["callora_credits.started"] = time.perf_counter()
+
+
 @credits_bp.before_request
 def _start() -> None:
-    request.environ["callora_credits.started"] = time.perf_counter()
     request_id()
 
 
@@ -284,10 +331,19 @@ def _finish(response: Response) -> Response:
     headers["Cache-Control"] = "no-store"
     headers["X-Content-Type-Options"] = "nosniff"
     response = apply_conditional(response)
-    if not log.isEnabledFor(logging.INFO):
+    metrics = current_app.extensions[EXTENSION_KEY].metrics
+    logging_on = log.isEnabledFor(logging.INFO)
+    if metrics is None and not logging_on:
         return response
     started = request.environ.get("callora_credits.started")
-    elapsed_ms = (time.perf_counter() - started) * 1000 if started else 0.0
+    elapsed = time.perf_counter() - started if started else 0.0
+    if metrics is not None:
+        rule = request.url_rule
+        route = rule.rule if rule is not None else "<unrouted>"
+        metrics.request(route, request.method, response.status_code, elapsed)
+    if not logging_on:
+        return response
+    elapsed_ms = elapsed * 1000
     path = printable(request.path)
     log.info(
         "%s %s %s %.1fms",
@@ -324,6 +380,8 @@ _HTTP_ERRORS: dict[int, type[CreditsError]] = {
 
 @credits_bp.errorhandler(HTTPException)
 def _http_error(error: HTTPException) -> Response:
+    if error.code == 429:  # Flask-Limiter's refusal (ours, or the host's Limiter's)
+        return _rate_limited_response()
     mapped = _HTTP_ERRORS.get(error.code or 500)
     if mapped is None:
         return _unexpected(error)

@@ -60,6 +60,8 @@ ERROR_MEANINGS = {
     "HOLD_AMOUNT_EXCEEDED": "the capture is larger than the held amount.",
     "REFUND_EXCEEDS_CHARGE": "the refund is larger than what is left of the charge.",
     "BALANCE_LIMIT_EXCEEDED": "the balance would pass `CREDITS_MAX_BALANCE_USDC`.",
+    "RATE_LIMITED": "the caller used up a rate limit (`CREDITS_RATE_LIMIT`, "
+    "`CREDITS_RATE_LIMIT_WRITE`); retry after `Retry-After` seconds.",
     "INTERNAL_SERVER_ERROR": "an unexpected failure; the body says nothing more, the "
     "log has the detail under the request id.",
 }
@@ -74,6 +76,7 @@ _STATUS_TEXT = {
     409: "Conflict",
     413: "Payload too large",
     422: "Unprocessable",
+    429: "Too many requests",
     500: "Internal server error",
 }
 

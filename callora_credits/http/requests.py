@@ -20,7 +20,7 @@ from ..core.money import AmountError, parse_amount
 from ..core.operations import Operation
 from ..errors import IdempotencyKeyRequired, PayloadTooLarge, ValidationError
 from ..extension import ledger_for
-from .auth import Caller, authenticate
+from .auth import Caller, request_caller
 from .blueprint import request_id
 from .responses import HttpCodec
 from .schemas import parse_model
@@ -46,7 +46,7 @@ class NoQuery(BaseModel):
 
 
 def identify(cfg: CreditsConfig) -> Caller:
-    caller = authenticate(request.headers, cfg)
+    caller = request_caller(cfg)
     request.environ["callora_credits.user_id"] = caller.user_id
     return caller
 

@@ -29,6 +29,7 @@ from ..errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     RefundExceedsCharge,
     Unauthorized,
     ValidationError,
@@ -60,6 +61,7 @@ STATUS: dict[type[CreditsError], int] = {
     HoldAmountExceeded: 422,
     RefundExceedsCharge: 422,
     BalanceLimitExceeded: 422,
+    RateLimited: 429,
 }
 
 

@@ -15,8 +15,10 @@ version table. ``include_name`` keeps the host's autogenerate off the
 library's tables.
 
 Beside its own ``/api/projects``, the host has paid endpoints made with
-``@charge_credits`` (``paid_api.py``: ``/api/quote``, ``/api/echo``) and a
-billing page over the credits API (``billing_page.py``: ``/billing``).
+``@charge_credits`` (``paid_api.py``: ``/api/quote``, ``/api/echo``), a
+billing page over the credits API (``billing_page.py``: ``/billing``) and,
+when ``prometheus_client`` is installed, ``/metrics`` for Prometheus
+(``metrics.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from flask_migrate import Migrate
 import callora_credits
 from callora_credits import credits_bp
 
-from . import billing_page, paid_api
+from . import billing_page, metrics, paid_api
 from .models import Project, db
 
 __all__ = [
@@ -68,6 +70,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(credits_bp, url_prefix="/api/billing")
     app.register_blueprint(paid_api.bp)
     app.register_blueprint(billing_page.bp)
+    metrics.add_metrics_endpoint(app)
 
     @app.get("/api/projects")
     @jwt_required()
