@@ -17,6 +17,9 @@ from .core.records import Balance as Balance
 from .core.records import Entry as Entry
 from .core.records import Grant as Grant
 from .core.records import Hold as Hold
+from .core.usage import DepletionEstimate as DepletionEstimate
+from .core.usage import Usage as Usage
+from .core.usage import UsageBucket as UsageBucket
 from .db.models import metadata as metadata
 from .errors import CreditsError as CreditsError
 from .extension import current_ledger as current_ledger
@@ -34,11 +37,14 @@ __all__ = [
     "Balance",
     "Caller",
     "CreditsError",
+    "DepletionEstimate",
     "Entry",
     "Grant",
     "Hold",
     "Ledger",
     "Page",
+    "Usage",
+    "UsageBucket",
     "charge_credits",
     "credits_bp",
     "current_caller",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from datetime import datetime
 from typing import Any
 
 import click
@@ -20,6 +21,7 @@ from sqlalchemy.engine import Engine
 from . import migrate
 from .config import config
 from .core.money import AmountError, format_units, parse_amount
+from .core.usage import Granularity
 from .errors import CreditsError
 from .extension import EXTENSION_KEY, current_ledger, engine_for
 from .http.blueprint import credits_bp
@@ -112,6 +114,10 @@ def _where(engine: Engine) -> str:
     if bind_key is None:
         return ""
     return f" on bind {bind_key!r} ({engine.url.render_as_string(hide_password=True)})"
+
+
+#: What --since and --until accept: a date, or a date and a UTC time.
+_WHEN_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M"]
 
 
 def _count(number: int, singular: str, plural: str | None = None) -> str:
@@ -209,6 +215,53 @@ def history(user_id: str, limit: int) -> None:
         )
     if page.has_more:
         click.echo("… (more: raise --limit)")
+
+
+@cli.command("usage", short_help="Print a user's usage per day or hour.")
+@click.argument("user_id")
+@click.option(
+    "--since",
+    type=click.DateTime(_WHEN_FORMATS),
+    default=None,
+    help="Inclusive, UTC (default: 30 days before --until).",
+)
+@click.option(
+    "--until",
+    type=click.DateTime(_WHEN_FORMATS),
+    default=None,
+    help="Exclusive, UTC (default: now).",
+)
+@click.option(
+    "--granularity", type=click.Choice(["day", "hour"]), default="day", show_default=True
+)
+def usage(
+    user_id: str, since: datetime | None, until: datetime | None, granularity: Granularity
+) -> None:
+    """Print USER_ID's usage: one line per UTC day or hour, oldest first,
+    then when the available balance runs out at the last 7 days' pace."""
+    try:
+        summary = current_ledger().usage(user_id, since, until, granularity)
+    except CreditsError as exc:
+        details = "; ".join(f"{d.get('field')}: {d.get('message')}" for d in exc.details)
+        raise click.ClickException(details or str(exc)) from None
+    click.echo(
+        f"{'start (UTC)':<16} {'debited':>20} {'credited':>20} {'expired':>20} {'entries':>7}"
+    )
+    stamp = "%Y-%m-%d %H:%M" if granularity == "hour" else "%Y-%m-%d"
+    for bucket in summary.buckets:
+        click.echo(
+            f"{bucket.start.strftime(stamp):<16} {format_units(bucket.debited_units):>20} "
+            f"{format_units(bucket.credited_units):>20} "
+            f"{format_units(bucket.expired_units):>20} {bucket.count:>7}"
+        )
+    estimate = summary.depletion_estimate
+    if estimate is None:
+        click.echo("depletion: none (nothing debited in the last 7 days)")
+    else:
+        click.echo(
+            f"depletion: {estimate.at:%Y-%m-%d %H:%M} UTC at "
+            f"{format_units(estimate.daily_burn_units)} a day"
+        )
 
 
 @cli.command("reconcile", short_help="Check every balance against its ledger.")

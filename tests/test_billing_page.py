@@ -1,9 +1,10 @@
-"""The example's billing page, its chart and its paid endpoints, without a browser.
+"""The example's billing page and its paid endpoints, without a browser.
 
-``/billing`` is a server-rendered shell whose script calls the credits API;
-``/billing/chart.svg`` draws the balance from ``current_ledger().history()``;
+``/billing`` is a server-rendered shell whose script calls the credits API
+(its usage chart is drawn from ``GET /api/billing/credits/usage``);
 ``/api/quote`` and ``/api/echo`` are host routes made paid with
-``@charge_credits``. The browser side is in test_browser.py.
+``@charge_credits``. The browser side, the chart included, is in
+test_browser.py.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
-from xml.etree import ElementTree
 
 import pytest
 from conftest import ADMIN, ADMIN_SCOPE, SECRET, Databases
@@ -25,7 +24,6 @@ from callora_credits import current_ledger
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 BASE_URL = "http://127.0.0.1:5000"
-SVG = "{http://www.w3.org/2000/svg}"
 U = 10_000_000
 
 
@@ -75,17 +73,6 @@ def _balance_units(app: Flask, user_id: str) -> int:
     return 0 if balance is None else balance.balance_units
 
 
-def _svg(response: Any) -> ElementTree.Element:
-    assert response.status_code == 200, response.get_data(as_text=True)
-    assert response.mimetype == "image/svg+xml"
-    # Our own server's output, parsed to check that it is well-formed SVG.
-    return ElementTree.fromstring(response.get_data(as_text=True))  # noqa: S314
-
-
-def _by_class(svg: ElementTree.Element, tag: str, css_class: str) -> list[ElementTree.Element]:
-    return [node for node in svg.iter(f"{SVG}{tag}") if node.get("class") == css_class]
-
-
 # --- the page -------------------------------------------------------------------
 
 
@@ -100,6 +87,7 @@ def test_page_renders_its_containers(host):
         "held",
         "available",
         "chart",
+        "depletion",
         "history-rows",
         "load-more",
         "paid-call",
@@ -114,7 +102,7 @@ def test_page_renders_its_containers(host):
     assert 'data-balance-url="/api/billing/credits"' in html
     assert 'data-transactions-url="/api/billing/credits/transactions"' in html
     assert 'data-topup-url="/api/billing/credits/topup"' in html
-    assert 'data-chart-url="/billing/chart.svg"' in html
+    assert 'data-usage-url="/api/billing/credits/usage"' in html
     assert 'data-paid-url="/api/quote"' in html
     assert 'data-admin-scope="credits:admin"' in html
     # Scripts and styles from this origin only; the sign-in token in the URL
@@ -141,73 +129,35 @@ def test_page_assets_are_served(host):
     style.close()
 
 
-# --- the chart ------------------------------------------------------------------
+# --- the chart's data ---------------------------------------------------------
 
 
-def test_chart_draws_the_balance_after_each_entry(host, user_id, auth):
+def test_the_chart_reads_the_usage_summary_of_the_shown_user(host, user_id, auth):
+    """What the page's script fetches for its chart: 30 days of the user's
+    usage (another user's for an admin), by day, with the estimate."""
     _top_up(host, user_id, 100 * U)
-    _charge(host, user_id, 25 * U)
-    _charge(host, user_id, 25 * U)
-
-    svg = _svg(host.test_client().get("/billing/chart.svg", headers=auth(user_id)))
-
-    assert svg.tag == f"{SVG}svg"
-    assert svg.get("data-points") == "4"
-    assert svg.get("data-last-balance") == str(50 * U)
-    # From 0 before the top-up, up to 100, then 75 and 50: x evenly spaced on
-    # the plot (72..624), y from the top (16, = 100 USDC) to the axis (188, = 0).
-    (line,) = _by_class(svg, "path", "balance-line")
-    assert line.get("d") == "M72.00,188.00 L256.00,16.00 L440.00,59.00 L624.00,102.00"
-    (area,) = _by_class(svg, "path", "balance-area")
-    assert area.get("d", "").startswith(line.get("d", "") + " L624.00,188")
-    assert svg.find(f"{SVG}title") is not None
-    desc = svg.find(f"{SVG}desc")
-    assert desc is not None
-    assert desc.text == "Over the last 3 entries the balance went from 0.00 to 50.00 USDC."
-    labels = [node.text for node in svg.iter(f"{SVG}text")]
-    assert "100.00" in labels
-
-
-def test_chart_starts_from_the_balance_before_its_oldest_entry(example, host, user_id):
-    _top_up(host, user_id, 100 * U)
-    _charge(host, user_id, 40 * U)
-    _charge(host, user_id, 20 * U)
-    with host.app_context():
-        newest_two = current_ledger().history(user_id, limit=2).items
-
-    chart = example.host_app.billing_page.build_chart(user_id, newest_two)
-
-    # The window holds the two charges; it starts at 100, the top-up's result.
-    assert chart.balances == [100 * U, 60 * U, 40 * U]
-    assert [y for _, y in chart.points] == ["16.00", "84.80", "119.20"]
-
-
-def test_chart_of_a_new_user_says_there_is_nothing_yet(host, user_id, auth):
-    svg = _svg(host.test_client().get("/billing/chart.svg", headers=auth(user_id)))
-
-    assert svg.get("data-points") == "0"
-    assert _by_class(svg, "path", "balance-line") == []
-    assert [node.text for node in _by_class(svg, "text", "empty")] == ["No activity yet"]
-
-
-def test_chart_follows_the_api_rules_on_whose_data(host, user_id, auth):
+    _charge(host, user_id, 7 * U)
     client = host.test_client()
-    _top_up(host, user_id, 5 * U)
+    script = client.get("/static/billing.js")
+    assert "urls.usage" in script.get_data(as_text=True)
+    script.close()
 
-    assert client.get("/billing/chart.svg").status_code == 401
-    other = client.get(f"/billing/chart.svg?user_id={user_id}", headers=auth("someone_else"))
-    assert other.status_code == 403
-    assert other.json["code"] == "FORBIDDEN"
-    too_long = client.get("/billing/chart.svg?user_id=" + "x" * 129, headers=auth(ADMIN))
-    assert too_long.status_code == 400
-    assert too_long.json["code"] == "VALIDATION_ERROR"
-
+    mine = client.get("/api/billing/credits/usage", headers=auth(user_id))
+    assert mine.status_code == 200, mine.get_json()
+    usage = mine.get_json()
+    assert (len(usage["data"]), usage["granularity"]) == (31, "day")
+    today = usage["data"][-1]
+    assert (today["debited_usdc"], today["credited_usdc"], today["count"]) == (
+        "7.0000000",
+        "100.0000000",
+        2,
+    )
+    assert usage["depletion_estimate"]["daily_burn_usdc"] == "1.0000000"
     admin = auth(ADMIN, scopes=ADMIN_SCOPE)
-    svg = _svg(client.get(f"/billing/chart.svg?user_id={user_id}", headers=admin))
-    title = svg.find(f"{SVG}title")
-    assert title is not None
-    assert title.text == f"Balance of {user_id} over time"
-    assert svg.get("data-last-balance") == str(5 * U)
+    shown = client.get(f"/api/billing/credits/usage?user_id={user_id}", headers=admin)
+    assert shown.get_json()["data"] == usage["data"]
+    other = client.get(f"/api/billing/credits/usage?user_id={user_id}", headers=auth("someone"))
+    assert other.status_code == 403
 
 
 # --- the paid endpoints ---------------------------------------------------------

@@ -24,6 +24,7 @@ from flask import Flask
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from callora_credits import current_ledger, parse_amount
+from callora_credits.core.money import parse_units
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -203,6 +204,8 @@ def test_page_shows_the_balance(page, live, user_id):
     expect(page.locator("#balance")).to_have_text("12.50")
     expect(page.locator("#history-rows tr")).to_have_count(1)
     expect(page.locator("#notice")).to_be_hidden()
+    # Nothing spent yet: no estimate of when the credits run out.
+    expect(page.locator("#depletion")).to_have_text("No spending in the last 7 days.")
 
 
 def test_admin_top_up_changes_balance_chart_and_history(page, live, user_id):
@@ -212,8 +215,10 @@ def test_admin_top_up_changes_balance_chart_and_history(page, live, user_id):
     page.get_by_label("Show account").fill(user_id)
     page.get_by_role("button", name="Show", exact=True).click()
     expect(page.locator("#balance")).to_have_text("10.00")
-    expect(page.locator("#chart svg")).to_have_attribute("data-points", "2")
-    line_before = page.locator("#chart .balance-line").get_attribute("d")
+    chart = page.locator("#chart svg")
+    expect(chart).to_have_attribute("data-added", "100000000")
+    today = page.locator("#chart g.bucket").last
+    expect(today).to_have_attribute("data-credited", "100000000")
 
     expect(page.get_by_label("User id")).to_have_value(user_id)
     page.get_by_label("Amount (USDC)").fill("25")
@@ -225,9 +230,9 @@ def test_admin_top_up_changes_balance_chart_and_history(page, live, user_id):
         f"Added 25.00 USDC to {user_id}. New balance: 35.00 USDC."
     )
     expect(page.locator("#balance")).to_have_text("35.00")
-    expect(page.locator("#chart svg")).to_have_attribute("data-points", "3")
-    expect(page.locator("#chart svg")).to_have_attribute("data-last-balance", "350000000")
-    assert page.locator("#chart .balance-line").get_attribute("d") != line_before
+    expect(chart).to_have_attribute("data-added", "350000000")
+    expect(today).to_have_attribute("data-credited", "350000000")
+    expect(page.locator("#chart-title")).to_have_text(f"Usage of {user_id}, by day")
     newest = page.locator("#history-rows tr").first
     expect(newest).to_contain_text("Top-up")
     expect(newest).to_contain_text("+25.00")
@@ -235,6 +240,48 @@ def test_admin_top_up_changes_balance_chart_and_history(page, live, user_id):
         ("topup", 250_000_000),
         ("topup", 100_000_000),
     ]
+
+
+def test_the_chart_is_drawn_from_the_usage_endpoint(page, live, user_id):
+    live.top_up(user_id, "20")
+    live.charge(user_id, "3.5")
+    live.charge(user_id, "3.5")
+
+    with page.expect_response(lambda answer: "/api/billing/credits/usage" in answer.url) as sent:
+        page.goto(live.page_url(user_id))
+    usage = sent.value.json()
+
+    chart = page.locator("#chart svg")
+    expect(chart).to_have_attribute("data-buckets", str(len(usage["data"])))
+    expect(chart).to_have_attribute("data-granularity", "day")
+    buckets = page.locator("#chart g.bucket")
+    expect(buckets).to_have_count(31)
+    drawn = buckets.evaluate_all(
+        "groups => groups.map(g => [g.dataset.start, g.dataset.debited, "
+        "g.dataset.credited, g.dataset.expired])"
+    )
+    assert drawn == [
+        [
+            bucket["start"],
+            str(parse_units(bucket["debited_usdc"])),
+            str(parse_units(bucket["credited_usdc"])),
+            str(parse_units(bucket["expired_usdc"])),
+        ]
+        for bucket in usage["data"]
+    ]
+    assert drawn[-1][1:] == ["70000000", "200000000", "0"]
+    # The tallest bar (20 added) fills the plot, 172 units high; 7 spent is 7/20 of it.
+    today = buckets.last
+    expect(today.locator("rect.bar-credited")).to_have_attribute("height", "172.00")
+    expect(today.locator("rect.bar-debited")).to_have_attribute("height", "60.20")
+    expect(today.locator("rect.bar-expired")).to_have_count(0)
+    expect(buckets.first.locator("rect")).to_have_count(0)
+    # 7 USDC in 7 days: 1 USDC a day, and 13 available.
+    assert usage["depletion_estimate"]["daily_burn_usdc"] == "1.0000000"
+    expect(page.locator("#depletion")).to_contain_text("(1.00 USDC a day)")
+    expect(page.locator("#depletion")).to_have_attribute(
+        "data-at", usage["depletion_estimate"]["at"]
+    )
 
 
 def test_top_up_errors_read_as_sentences(page, live, user_id):

@@ -117,6 +117,7 @@ def test_help_lists_every_command_with_its_whole_summary(app):
         "reconcile",
         "settle-grants",
         "topup",
+        "usage",
     }
 
 

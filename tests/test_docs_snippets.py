@@ -20,8 +20,9 @@ command among them runs on that app through Flask's CLI runner (it must exit
 ``http://127.0.0.1:5000/api/billing``; ``$TOKEN`` and ``$USER_TOKEN`` are
 tokens of ``user_123`` with no scope, ``$SERVICE_TOKEN`` of ``api_gateway``
 with ``credits:charge``, ``$ADMIN_TOKEN`` of ``ops_admin`` with
-``credits:admin``. The response shown for a command is what follows it before
-the next command:
+``credits:admin``. A ``NAME=$(date …)`` line sets ``$NAME`` for the commands
+after it: its ``date`` command is run, as the reader's shell would. The
+response shown for a command is what follows it before the next command:
 
 - a status line, a paragraph starting with a code span such as
   ```` `201 Created` ````, optionally followed by header code spans
@@ -35,9 +36,10 @@ further status before the next command must say it is not replayed with
 ``<!-- snippet: illustration -->``.
 The status must match, every header shown must be there (a request id in the
 right form), and the JSON body must match in shape and value, except that ids
-(``ctx_…``, ``hold_…``, ``grant_…``, ``req_…``) and ``next_cursor`` stand for the real ones
-(the first response that shows one maps it, and later commands and bodies use
-the mapping) and timestamps are checked for their form only.
+(``ctx_…``, ``hold_…``, ``grant_…``, ``req_…``), ``next_cursor`` and ``ETag`` values stand
+for the real ones (the first response that shows one maps it, and later
+commands and bodies use the mapping) and timestamps are checked for their
+form only.
 
 **Illustrations**: a status line or error body that follows no command must
 still be true: the reason phrase is the one the server sends, and a JSON
@@ -55,6 +57,7 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +87,9 @@ TOKENS = {
 SETUPS = {"host-app", "app-without-credits", "continues"}
 ERROR_KEYS = {"code", "message", "requestId", "details"}
 MAPPED = re.compile(r"^(?:ctx|hold|req|grant)_[0-9a-f]{24}$")
+ETAG = re.compile(r'^"[0-9a-f]{32}"$')
+# NAME=$(date …): a shell variable the page sets from the date.
+ASSIGNMENT = re.compile(r"^([A-Z][A-Z0-9_]*)=\$\((date [^()`;|&$]*)\)$")
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
@@ -223,7 +229,11 @@ def curl_commands(block: Block) -> list[Curl]:
             else:  # a newline inside quotes
                 command = command + "\n" + lines[index]
         command = command.strip().removeprefix("$ ")
-        if command.startswith("curl ") or _credits_cli(command) is not None:
+        if (
+            command.startswith("curl ")
+            or _credits_cli(command) is not None
+            or ASSIGNMENT.match(command)
+        ):
             commands.append(Curl(block.page, block.line + 1 + start, command))
         index += 1
     return commands
@@ -407,16 +417,18 @@ def test_python_block_runs(chain: list[Block], apps: Apps, tmp_path: Path, monke
 # --- HTTP examples ----------------------------------------------------------------------
 
 
-def _expand(command: str, ids: dict[str, str]) -> str:
+def _expand(command: str, ids: dict[str, str], variables: dict[str, str] | None = None) -> str:
     def variable(match: re.Match[str]) -> str:
         name = match.group(1)
         if name == "BASE":
             return BASE
+        if variables and name in variables:
+            return variables[name]
         assert name in TOKENS, f"unknown variable ${name}"
         subject, scopes = TOKENS[name]
         return make_token(subject, scopes=scopes)
 
-    command = re.sub(r"\$(\w+)", variable, command)
+    command = re.sub(r"\$\{?(\w+)\}?", variable, command)
     for shown in sorted(ids, key=len, reverse=True):
         command = command.replace(shown, ids[shown])
     return command
@@ -488,8 +500,19 @@ def test_http_examples_replay(exchanges: list[Exchange], apps: Apps) -> None:
     app, _ = apps.host()
     client = app.test_client()
     ids: dict[str, str] = {}
+    variables: dict[str, str] = {}
     for exchange in exchanges:
         where = f"{exchange.curl.page}:{exchange.curl.line}"
+        assignment = ASSIGNMENT.match(exchange.curl.command)
+        if assignment is not None:
+            # The page's own date command, run as the reader's shell runs it.
+            name, date_command = assignment.groups()
+            args = shlex.split(date_command)
+            assert args[0] == "date", where
+            done = subprocess.run(args, capture_output=True, text=True, check=True)
+            variables[name] = done.stdout.strip()
+            assert not exchange.responses, f"{where}: an assignment has no response"
+            continue
         cli = _credits_cli(exchange.curl.command)
         if cli is not None:
             # A `flask credits …` step of the page, run on the same app.
@@ -497,7 +520,7 @@ def test_http_examples_replay(exchanges: list[Exchange], apps: Apps) -> None:
             assert result.exit_code == 0, f"{where}: {result.output}"
             continue
         for shown in exchange.responses or [None]:
-            sent = _request(_expand(exchange.curl.command, ids))
+            sent = _request(_expand(exchange.curl.command, ids, variables))
             url = urlsplit(sent["url"])
             response = client.open(
                 url.path + (f"?{url.query}" if url.query else ""),
@@ -512,7 +535,9 @@ def test_http_examples_replay(exchanges: list[Exchange], apps: Apps) -> None:
                 assert response.status_code == shown.status.code, f"{where}: {text}"
                 for name, value in shown.status.headers.items():
                     assert name in response.headers, f"{where}: no {name} header"
-                    if MAPPED.match(value):
+                    if ETAG.match(value):
+                        _map(value, response.headers[name], ids, f"{where}: {name}")
+                    elif MAPPED.match(value):
                         assert MAPPED.match(response.headers[name]), f"{where}: {name}"
                     else:
                         assert response.headers[name] == value, f"{where}: {name}"

@@ -54,6 +54,7 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
     ("GET", "/credits"): READ | {"FORBIDDEN"},
     ("GET", "/credits/transactions"): READ | {"FORBIDDEN"},
     ("GET", "/credits/holds"): READ | {"FORBIDDEN"},
+    ("GET", "/credits/usage"): READ | {"FORBIDDEN"},
     # By id: another user's object is a 404, never a 403.
     ("GET", "/credits/transactions/<transaction_id>"): READ | {"NOT_FOUND"},
     ("GET", "/credits/holds/<hold_id>"): READ | {"NOT_FOUND"},
@@ -156,10 +157,30 @@ def test_each_operation_lists_exactly_its_codes(key):
     op = next(op for op in OPERATIONS if operation_key(op) == key)
     path = PREFIX + re.sub(r"<(\w+)>", r"{\1}", op.rule)
     responses = DOCUMENT["paths"][path][op.method.lower()]["responses"]
-    assert set(responses) == {str(op.success)} | {str(status) for status in listed}
+    # A GET may also answer 304 Not Modified to If-None-Match.
+    conditional = {"304"} if op.method == "GET" else set()
+    assert set(responses) == {str(op.success)} | conditional | {str(status) for status in listed}
     for status, status_codes in listed.items():
         description = responses[str(status)]["description"]
         assert all(f"`{code}`" in description for code in status_codes), description
+
+
+def test_reads_declare_their_tag_and_the_304_and_writes_do_not():
+    for op in OPERATIONS:
+        path = PREFIX + re.sub(r"<(\w+)>", r"{\1}", op.rule)
+        doc = DOCUMENT["paths"][path][op.method.lower()]
+        headers = {p["name"] for p in doc.get("parameters", []) if p["in"] == "header"}
+        success = doc["responses"][str(op.success)]
+        if op.method == "GET":
+            assert "If-None-Match" in headers, path
+            assert set(success["headers"]) == {"ETag"}, path
+            not_modified = doc["responses"]["304"]
+            assert set(not_modified["headers"]) == {"ETag"}, path
+            assert "content" not in not_modified, path
+        else:
+            assert "If-None-Match" not in headers, path
+            assert "headers" not in success, path
+            assert "304" not in doc["responses"], path
 
 
 def test_every_code_has_a_meaning_and_a_status():
@@ -265,7 +286,7 @@ def drive(
     voidable = r.send(
         "POST", f"{BASE}/grants", headers=admin, json={"user_id": user, "amount_usdc": "1"}
     ).get_json()
-    for path in ("", "/transactions", "/holds", "/grants"):
+    for path in ("", "/transactions", "/holds", "/grants", "/usage"):
         r.send("GET", f"{BASE}{path}", headers=mine)
     r.send("GET", f"{BASE}/transactions/{charge['id']}", headers=mine)
     r.send("GET", f"{BASE}/holds/{held['id']}", headers=mine)
@@ -288,6 +309,7 @@ def drive(
         f"{BASE}/transactions",
         f"{BASE}/holds",
         f"{BASE}/grants",
+        f"{BASE}/usage",
         f"{BASE}/transactions/{charge['id']}",
         f"{BASE}/holds/{held['id']}",
         f"{BASE}/grants/{granted['id']}",
@@ -320,7 +342,7 @@ def drive(
     # 403: a scope missing, or another user named without the admin scope.
     for path, (_, body) in posts.items():
         r.send("POST", path, headers=mine, json=body)
-    for path in ("", "/transactions", "/holds", "/grants"):
+    for path in ("", "/transactions", "/holds", "/grants", "/usage"):
         r.send("GET", f"{BASE}{path}?user_id={other}", headers=mine)
 
     # 413: a body over CREDITS_MAX_BODY_BYTES.

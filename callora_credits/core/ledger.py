@@ -21,6 +21,7 @@ from typing_extensions import Unpack
 from ..config import CreditsConfig
 from ..db import store
 from ..db.unit_of_work import HostSession, RetryStats, Tx, run
+from ..db.usage import BucketSums, usage_sums
 from ..errors import CreditsError, ValidationError
 from .clock import Clock, naive, utcnow
 from .idempotency import CallCodec, IdempotencyScope, IdempotentExecutor, Outcome, OutcomeCodec
@@ -42,6 +43,7 @@ from .pagination import Page, decode_hold_cursor, decode_seq_cursor, hold_cursor
 from .reading import read_balance, read_entries
 from .reconcile import ReconcileReport, reconcile
 from .records import Balance, Entry, Grant, Hold
+from .usage import Granularity, Usage, UsageWindow
 
 __all__ = ["Ledger", "TransferOptions"]
 
@@ -199,6 +201,44 @@ class Ledger(GrantsAPI):
             return Page(page, seq_cursor(page[-1].seq) if more else None)
 
         return self._run(work, session, write=False)
+
+    def usage(
+        self,
+        user_id: str,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        granularity: Granularity = "day",
+        *,
+        session: HostSession | None = None,
+    ) -> Usage:
+        """The user's usage per UTC ``"hour"`` or ``"day"``, and when the
+        available balance runs out at the pace of the last 7 days.
+
+        ``since`` is inclusive and ``until`` exclusive (naive datetimes are
+        UTC); ``until`` defaults to now and ``since`` to 30 days before it.
+        Every bucket that overlaps the range is returned, oldest first, empty
+        ones with zeros; the first and last count only entries inside the
+        range. More than 400 buckets is a
+        :class:`~callora_credits.errors.ValidationError`. The sums are one
+        statement; the available balance is read as :meth:`find_by_user_id`
+        reads it.
+        """
+        window = UsageWindow.resolve(user_id, since, until, granularity, self._now())
+
+        def work(tx: Tx) -> tuple[BucketSums, int]:
+            return usage_sums(
+                tx.conn,
+                window.user_id,
+                window.since,
+                window.until,
+                window.granularity,
+                window.burn_since,
+            )
+
+        sums, burned = self._run(work, session, write=False)
+        balance = self.find_by_user_id(window.user_id, session=session)
+        available = 0 if balance is None else balance.available_units
+        return window.summary(sums, burned, available)
 
     def get_hold(self, hold_id: str, *, session: HostSession | None = None) -> Hold | None:
         """One hold by id, or ``None``."""

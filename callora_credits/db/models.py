@@ -100,6 +100,8 @@ class LedgerEntry(Base):
     __table_args__ = (
         UniqueConstraint("user_id", "seq"),
         UniqueConstraint("user_id", "type", "reference"),
+        # Usage sums and time-bounded history read one user's range of entries.
+        Index("ix_credits_transactions_user_id_created_at", "user_id", "created_at"),
         CheckConstraint(
             "type IN ('topup', 'charge', 'refund', 'hold_capture', 'adjustment',"
             " 'grant', 'expiration', 'void')",

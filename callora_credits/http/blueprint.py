@@ -34,6 +34,7 @@ from ..errors import (
     ValidationError,
 )
 from ..extension import EXTENSION_KEY, CreditsState, check_engine
+from .conditional import apply_conditional
 from .responses import error_body, new_request_id, sanitize_request_id, status_of
 
 __all__ = [
@@ -329,6 +330,7 @@ def _finish(response: Response) -> Response:
     # browser sniffs a JSON body into something else.
     headers["Cache-Control"] = "no-store"
     headers["X-Content-Type-Options"] = "nosniff"
+    response = apply_conditional(response)
     metrics = current_app.extensions[EXTENSION_KEY].metrics
     logging_on = log.isEnabledFor(logging.INFO)
     if metrics is None and not logging_on:

@@ -9,6 +9,7 @@ app context (served, or printed by ``flask credits openapi``).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from importlib.metadata import PackageNotFoundError, version
@@ -234,6 +235,24 @@ def _error_response(status: int, codes: tuple[str, ...], op: Route) -> dict[str,
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+# Conditional reads: every 200 to a GET is tagged, and a matching tag is a 304.
+# Copied into each operation: the document's descriptions are rewritten in place.
+_ETAG: dict[str, Any] = {
+    "description": "A strong entity tag of this body as this user's data; send it back in "
+    "`If-None-Match` to get a 304 while the data is unchanged.",
+    "schema": {"type": "string", "pattern": '^"[0-9a-f]{32}"$'},
+}
+_IF_NONE_MATCH: dict[str, Any] = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "`ETag`s of earlier responses (`W/` prefixes allowed, comma-separated), "
+    "or `*`: a 304 without a body when one matches the current response. The "
+    "authentication and query checks run first.",
+}
+
+
 def _duration(seconds: int) -> str:
     if seconds % 3600 == 0:
         return f"{seconds // 3600} h"
@@ -247,6 +266,8 @@ def _operation(op: Route, path_params: list[str], cfg: CreditsConfig) -> dict[st
     ]
     if op.query is not None:
         parameters.extend(_query_parameters(op.query))
+    if op.method == "GET":
+        parameters.append(copy.deepcopy(_IF_NONE_MATCH))
     if op.idempotent_post:
         parameters.append(
             {
@@ -267,6 +288,13 @@ def _operation(op: Route, path_params: list[str], cfg: CreditsConfig) -> dict[st
     else:
         success["content"] = {"application/json": {"schema": {"type": "object"}}}
     responses: dict[str, Any] = {str(op.success): success}
+    if op.method == "GET":
+        success["headers"] = {"ETag": copy.deepcopy(_ETAG)}
+        responses["304"] = {
+            "description": "Not modified: `If-None-Match` names this response's `ETag`. "
+            "No body; the `ETag` is sent again.",
+            "headers": {"ETag": copy.deepcopy(_ETAG)},
+        }
     for status, codes in op.errors_by_status().items():
         responses[str(status)] = _error_response(status, codes, op)
     scope, who = _scope_text(op, cfg)

@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from ..core.pagination import Page
 from ..core.records import Balance, Entry, EntryType, Grant, Hold, Record
+from ..core.usage import MAX_BUCKETS, Usage
 from ..errors import Detail, ValidationError
 
 __all__ = [
@@ -51,6 +52,8 @@ __all__ = [
     "ReleaseIn",
     "TopUpIn",
     "TransactionsQuery",
+    "UsageOut",
+    "UsageQuery",
     "VoidGrantIn",
     "balance_json",
     "page_json",
@@ -405,3 +408,29 @@ HoldOut = Hold.response_model()
 
 
 HoldPageOut = _page_model("HoldPageOut", HoldOut)
+
+
+# --- usage ----------------------------------------------------------------------
+
+# Checked by the ledger (the same check from every door); the schema documents it.
+GranularityIn = Annotated[
+    str,
+    WithJsonSchema({"type": "string", "enum": ["hour", "day"]}),
+]
+
+
+class UsageQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId | None = Field(default=None, description="Requires the admin scope.")
+    since: datetime | None = Field(
+        default=None, description="Inclusive, ISO 8601; default 30 days before `until`."
+    )
+    until: datetime | None = Field(default=None, description="Exclusive, ISO 8601; default now.")
+    granularity: GranularityIn | None = Field(
+        default=None,
+        description=f"UTC hours or days; default `day`. At most {MAX_BUCKETS} buckets.",
+    )
+
+
+UsageOut = Usage.response_model()

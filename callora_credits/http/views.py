@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timezone
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from flask import Response, request
 
@@ -20,6 +20,7 @@ from ..core.operations import (
     VoidGrant,
 )
 from ..core.records import Entry, Grant, Hold
+from ..core.usage import Granularity
 from ..errors import (
     BalanceLimitExceeded,
     DuplicateReference,
@@ -40,6 +41,7 @@ from ..errors import (
 from ..extension import ledger_for
 from .auth import Caller
 from .blueprint import json_response, operation, register_routing_fallbacks
+from .conditional import data_of
 from .requests import NoQuery, identify, page_limit, parse_query, write_request
 from .schemas import (
     AdjustmentIn,
@@ -61,6 +63,8 @@ from .schemas import (
     ReleaseIn,
     TopUpIn,
     TransactionsQuery,
+    UsageOut,
+    UsageQuery,
     VoidGrantIn,
     balance_json,
     page_json,
@@ -92,6 +96,7 @@ def _visible(found: Owned | None, caller: Caller, cfg: CreditsConfig, missing: s
     same as for an id that does not exist, so ids cannot be probed."""
     if found is None or (found.user_id != caller.user_id and not caller.is_admin(cfg)):
         raise NotFound(missing)
+    data_of(found.user_id)
     return found
 
 
@@ -116,6 +121,7 @@ def get_balance() -> Response:
     caller = identify(cfg)
     query: BalanceQuery = parse_query(BalanceQuery)
     user_id = caller.target_user(query.user_id, cfg)
+    data_of(user_id)
     balance = ledger_for(cfg).get_or_create_by_user_id(user_id)
     return json_response(balance_json(balance))
 
@@ -222,6 +228,7 @@ def list_transactions() -> Response:
     caller = identify(cfg)
     query: TransactionsQuery = parse_query(TransactionsQuery)
     user_id = caller.target_user(query.user_id, cfg)
+    data_of(user_id)
     for name in ("since", "until"):
         value = getattr(query, name)
         if value is not None and value.tzinfo is not None:
@@ -294,6 +301,7 @@ def list_holds() -> Response:
     caller = identify(cfg)
     query: HoldsQuery = parse_query(HoldsQuery)
     user_id = caller.target_user(query.user_id, cfg)
+    data_of(user_id)
     page = ledger_for(cfg).pending_holds(
         user_id, limit=page_limit(query.limit, cfg), cursor=query.cursor
     )
@@ -391,6 +399,7 @@ def list_grants() -> Response:
     caller = identify(cfg)
     query: GrantsQuery = parse_query(GrantsQuery)
     user_id = caller.target_user(query.user_id, cfg)
+    data_of(user_id)
     page = ledger_for(cfg).grants(
         user_id, status=query.status, limit=page_limit(query.limit, cfg), cursor=query.cursor
     )
@@ -411,8 +420,8 @@ def get_grant(grant_id: str) -> Response:
     cfg = config()
     caller = identify(cfg)
     parse_query(NoQuery)
-    grant = ledger_for(cfg).get_grant(grant_id)
-    return json_response(_visible(grant, caller, cfg, "No such grant").as_json())
+    grant = _visible(ledger_for(cfg).get_grant(grant_id), caller, cfg, "No such grant")
+    return json_response(grant.as_json())
 
 
 @operation(
@@ -432,6 +441,36 @@ def void_grant(grant_id: str) -> Response:
     """Void what is left of a grant (a chargeback, a withdrawn promotion)."""
     req = write_request(VoidGrantIn, admin=True)
     return req.run(req.build(VoidGrant, grant_id=grant_id))
+
+
+@operation(
+    "/credits/usage",
+    "GET",
+    summary="Summarise usage",
+    scope="self",
+    response=UsageOut,
+    query=UsageQuery,
+    errors=(*READ_ERRORS, Forbidden),
+    description="The ledger summed per UTC hour or day: every bucket that overlaps "
+    "`[since, until)`, oldest first, empty ones with zeros, at most 400. Amounts are "
+    "unsigned: `credited_usdc - debited_usdc - expired_usdc` is the bucket's change in "
+    "balance. `depletion_estimate` says when the available balance runs out at the pace "
+    "of the last 7 days (`null` when nothing was debited in them).",
+)
+def usage() -> Response:
+    """The caller's usage per hour or day, and when their credits run out."""
+    cfg = config()
+    caller = identify(cfg)
+    query: UsageQuery = parse_query(UsageQuery)
+    user_id = caller.target_user(query.user_id, cfg)
+    data_of(user_id)
+    # The ledger refuses a granularity other than hour or day (the same
+    # check for every door), so the query passes on what it was given.
+    granularity = cast(Granularity, "day" if query.granularity is None else query.granularity)
+    summary = ledger_for(cfg).usage(
+        user_id, since=query.since, until=query.until, granularity=granularity
+    )
+    return json_response(summary.as_json())
 
 
 @operation(

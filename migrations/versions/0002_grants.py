@@ -227,9 +227,16 @@ def _create_schema() -> None:
         **MARIADB,
     )
     op.create_index("ix_credits_allocations_grant_id", "credits_allocations", ["grant_id"])
+    # Usage sums and time-bounded history read one user's range of entries.
+    op.create_index(
+        "ix_credits_transactions_user_id_created_at",
+        "credits_transactions",
+        ["user_id", "created_at"],
+    )
 
 
 def _drop_schema() -> None:
+    op.drop_index("ix_credits_transactions_user_id_created_at", table_name="credits_transactions")
     op.drop_index("ix_credits_allocations_grant_id", table_name="credits_allocations")
     op.drop_table("credits_allocations")
     op.drop_index("ix_credits_grants_user_id_status", table_name="credits_grants")

@@ -8,7 +8,7 @@ const urls = {
   balance: root.dataset.balanceUrl,
   transactions: root.dataset.transactionsUrl,
   topup: root.dataset.topupUrl,
-  chart: root.dataset.chartUrl,
+  usage: root.dataset.usageUrl,
   paid: root.dataset.paidUrl,
 };
 const pageSize = Number(root.dataset.pageSize) || 20;
@@ -215,21 +215,173 @@ async function loadBalance() {
   }
 }
 
+// --- the usage chart ---------------------------------------------------------------
+// Drawn from GET /credits/usage: one pair of bars per UTC day, spent (with
+// what expired on top) and added. Amounts become BigInt units, and bar
+// heights are computed in integers, to hundredths of a pixel.
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+const UNITS_PER_USDC = 10_000_000n;
+const CHART = { width: 640, height: 220, left: 72, right: 16, top: 16, bottom: 32 };
+
+function toUnits(value) {
+  const negative = value.startsWith("-");
+  const [whole, fraction = ""] = value.replace(/^[-+]/, "").split(".");
+  const units = BigInt(whole) * UNITS_PER_USDC + BigInt(fraction.padEnd(7, "0").slice(0, 7));
+  return negative ? -units : units;
+}
+
+function unitsToUsdc(units) {
+  const whole = units / UNITS_PER_USDC;
+  const fraction = (units % UNITS_PER_USDC).toString().padStart(7, "0");
+  return `${whole}.${fraction}`;
+}
+
+// offset + pixels * part / whole, as "x.yy": integers only.
+function scaled(offset, part, whole, pixels) {
+  const hundredths = BigInt(offset * 100) + (whole ? (BigInt(pixels * 100) * part) / whole : 0n);
+  return `${hundredths / 100n}.${(hundredths % 100n).toString().padStart(2, "0")}`;
+}
+
+function svgElement(name, attributes = {}, text = null) {
+  const element = document.createElementNS(SVG_NS, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+  if (text !== null) element.textContent = text;
+  return element;
+}
+
+function dayLabel(iso) {
+  const date = new Date(iso);
+  return date.toLocaleDateString(undefined, { month: "short", day: "numeric", timeZone: "UTC" });
+}
+
+function usageChart(usage) {
+  const buckets = usage.data.map((bucket) => ({
+    start: bucket.start,
+    debited: toUnits(bucket.debited_usdc),
+    credited: toUnits(bucket.credited_usdc),
+    expired: toUnits(bucket.expired_usdc),
+  }));
+  let highest = 0n;
+  for (const bucket of buckets) {
+    for (const value of [bucket.debited + bucket.expired, bucket.credited]) {
+      if (value > highest) highest = value;
+    }
+  }
+  const spent = buckets.reduce((sum, bucket) => sum + bucket.debited, 0n);
+  const added = buckets.reduce((sum, bucket) => sum + bucket.credited, 0n);
+  const { width, height, left, right, top, bottom } = CHART;
+  const plotWidth = width - left - right;
+  const plotHeight = height - top - bottom;
+  const base = top + plotHeight;
+  const svg = svgElement("svg", {
+    viewBox: `0 0 ${width} ${height}`,
+    class: "usage-chart",
+    role: "img",
+    "aria-labelledby": "chart-title chart-desc",
+    "data-buckets": buckets.length,
+    "data-granularity": usage.granularity,
+    "data-spent": spent,
+    "data-added": added,
+  });
+  const subject = shownUser && shownUser !== me ? ` of ${shownUser}` : "";
+  svg.append(svgElement("title", { id: "chart-title" }, `Usage${subject}, by day`));
+  svg.append(
+    svgElement(
+      "desc",
+      { id: "chart-desc" },
+      `Over ${buckets.length} days: ${usdc(unitsToUsdc(spent))} USDC spent, ` +
+        `${usdc(unitsToUsdc(added))} USDC added.`,
+    ),
+  );
+  const axes = svgElement("g", { class: "axes", "aria-hidden": "true" });
+  axes.append(svgElement("line", { class: "axis", x1: left, y1: base, x2: width - right, y2: base }));
+  axes.append(svgElement("text", { x: left - 8, y: base + 4, "text-anchor": "end" }, "0.00"));
+  if (highest > 0n) {
+    axes.append(svgElement("line", { class: "grid", x1: left, y1: top, x2: width - right, y2: top }));
+    axes.append(
+      svgElement("text", { x: left - 8, y: top + 4, "text-anchor": "end" }, usdc(unitsToUsdc(highest))),
+    );
+  }
+  if (buckets.length) {
+    const labels = [
+      [left, "start", buckets[0].start],
+      [width - right, "end", buckets[buckets.length - 1].start],
+    ];
+    for (const [x, anchor, iso] of labels) {
+      axes.append(svgElement("text", { x, y: height - 8, "text-anchor": anchor }, dayLabel(iso)));
+    }
+  }
+  svg.append(axes);
+  const slot = BigInt(buckets.length || 1);
+  buckets.forEach((bucket, index) => {
+    const group = svgElement("g", {
+      class: "bucket",
+      "data-start": bucket.start,
+      "data-debited": bucket.debited,
+      "data-credited": bucket.credited,
+      "data-expired": bucket.expired,
+    });
+    group.append(
+      svgElement(
+        "title",
+        {},
+        `${dayLabel(bucket.start)}: ${usdc(unitsToUsdc(bucket.debited))} spent, ` +
+          `${usdc(unitsToUsdc(bucket.expired))} expired, ${usdc(unitsToUsdc(bucket.credited))} added`,
+      ),
+    );
+    // Each day's slot holds two bars of 40% of it, side by side.
+    const x = (share) => scaled(left, BigInt(index * 100 + share), slot * 100n, plotWidth);
+    const barWidth = scaled(0, 40n, slot * 100n, plotWidth);
+    const bar = (className, from, amount, share) => {
+      if (amount <= 0n) return;
+      const y = scaled(top, highest - from - amount, highest, plotHeight);
+      const size = scaled(0, amount, highest, plotHeight);
+      group.append(svgElement("rect", { class: className, x: x(share), y, width: barWidth, height: size }));
+    };
+    bar("bar-debited", 0n, bucket.debited, 10);
+    bar("bar-expired", bucket.debited, bucket.expired, 10);
+    bar("bar-credited", 0n, bucket.credited, 50);
+    svg.append(group);
+  });
+  if (highest === 0n) {
+    svg.append(
+      svgElement(
+        "text",
+        { class: "empty", x: width / 2, y: height / 2, "text-anchor": "middle" },
+        "No activity in these days",
+      ),
+    );
+  }
+  return svg;
+}
+
+function depletionText(estimate) {
+  if (!estimate) return "No spending in the last 7 days.";
+  const when = new Date(estimate.at).toLocaleDateString(undefined, { dateStyle: "medium" });
+  return (
+    `At the last 7 days' pace (${usdc(estimate.daily_burn_usdc)} USDC a day), ` +
+    `the available credits last until ${when}.`
+  );
+}
+
 async function loadChart() {
-  const figure = $("chart");
-  figure.setAttribute("aria-busy", "true");
+  const plot = $("chart");
+  const caption = $("depletion");
+  plot.setAttribute("aria-busy", "true");
   try {
-    const text = await (await api(withUser(urls.chart))).text();
-    const svg = new DOMParser().parseFromString(text, "image/svg+xml").documentElement;
-    if (svg.nodeName !== "svg") throw new ApiError("The chart could not be drawn.");
-    figure.replaceChildren(document.importNode(svg, true));
+    const usage = await (await api(withUser(urls.usage))).json();
+    plot.replaceChildren(usageChart(usage));
+    caption.textContent = depletionText(usage.depletion_estimate);
+    caption.dataset.at = usage.depletion_estimate ? usage.depletion_estimate.at : "";
   } catch (error) {
     const message = document.createElement("p");
     message.className = "hint";
     message.textContent = error.message;
-    figure.replaceChildren(message);
+    plot.replaceChildren(message);
+    caption.textContent = "";
   } finally {
-    figure.setAttribute("aria-busy", "false");
+    plot.setAttribute("aria-busy", "false");
   }
 }
 
