@@ -986,7 +986,11 @@ def test_reconcile_names_a_balance_the_ledger_does_not_explain(app, user_id):
         .where(accounts.c.user_id == user_id)
         .values(balance_units=10 * U + 1, last_seq=2),
     )
-    expected = ["balance 10.0000001 != ledger sum 10.0000000", "1 entry but last_seq is 2"]
+    expected = [
+        "balance 10.0000001 != ledger sum 10.0000000",
+        "1 entry but last_seq is 2",
+        "balance 10.0000001 != its grants' remaining + held 10.0000000",
+    ]
     assert _problems(app, user_id) == expected
     assert _problems(app, user_id, whole_database=True) == expected
     with app.app_context():
