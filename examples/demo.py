@@ -193,7 +193,7 @@ def print_quickstart(app: Flask, base_url: str) -> list[DemoRequest]:
     print("\n# the billing page (demo-only sign-in links: open one in a browser)")
     width = max(len(user) for user in links)
     for user, link in links.items():
-        role = " (admin: can top up)" if user == DEMO_ADMIN else ""
+        role = " (admin: can top up and give credit)" if user == DEMO_ADMIN else ""
         print(f"{user + ':':<{width + 1}} {link}{role}")
     for request in requests:
         print(f"\n# {request.title}\n{request.curl(base_url)}")

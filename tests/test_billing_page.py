@@ -1,10 +1,11 @@
 """The example's billing page and its paid endpoints, without a browser.
 
 ``/billing`` is a server-rendered shell whose script calls the credits API
-(its usage chart is drawn from ``GET /api/billing/credits/usage``);
+(its grants table from ``GET /api/billing/credits/grants``, the next expiry
+from the balance, its usage chart from ``GET /api/billing/credits/usage``);
 ``/api/quote`` and ``/api/echo`` are host routes made paid with
-``@charge_credits``. The browser side, the chart included, is in
-test_browser.py.
+``@charge_credits``. The browser side, the grants and the chart included,
+is in test_browser.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
@@ -25,6 +27,8 @@ from callora_credits import current_ledger
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 BASE_URL = "http://127.0.0.1:5000"
 U = 10_000_000
+#: When the promotional credit of these tests expires: a known instant.
+PROMO_EXPIRY = datetime(2099, 3, 1, 17, 30, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +90,13 @@ def test_page_renders_its_containers(host):
         "balance",
         "held",
         "available",
+        "paid-credit",
+        "promotional-credit",
+        "next-expiry",
+        "grants-rows",
+        "grants-all",
+        "grants-more",
+        "grant-form",
         "chart",
         "depletion",
         "history-rows",
@@ -103,6 +114,12 @@ def test_page_renders_its_containers(host):
     assert 'data-transactions-url="/api/billing/credits/transactions"' in html
     assert 'data-topup-url="/api/billing/credits/topup"' in html
     assert 'data-usage-url="/api/billing/credits/usage"' in html
+    assert 'data-grants-url="/api/billing/credits/grants"' in html
+    # One column per figure of a grant, its expiry included.
+    grants_table = html[html.index('<table class="data-table grants">') :]
+    grants_table = grants_table[: grants_table.index("</table>")]
+    headers = re.findall(r"<th scope=\"col\"[^>]*>([^<]+)</th>", grants_table)
+    assert headers == ["Category", "Granted", "Remaining", "Held", "Expires", "Status"]
     assert 'data-paid-url="/api/quote"' in html
     assert 'data-admin-scope="credits:admin"' in html
     # Scripts and styles from this origin only; the sign-in token in the URL
@@ -158,6 +175,110 @@ def test_the_chart_reads_the_usage_summary_of_the_shown_user(host, user_id, auth
     assert shown.get_json()["data"] == usage["data"]
     other = client.get(f"/api/billing/credits/usage?user_id={user_id}", headers=auth("someone"))
     assert other.status_code == 403
+
+
+# --- the grants' data --------------------------------------------------------
+
+
+def test_the_grants_table_reads_the_grants_of_the_shown_user(host, user_id, auth):
+    """What the page's script fetches for its grants and its next-expiry line:
+    a paid top-up and a promotional grant with a known expiry, with the
+    category split and the next expiry in the balance."""
+    with host.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 20 * U)
+        promo = ledger.grant(user_id, 3 * U, expires_at=PROMO_EXPIRY, description="Welcome")
+        ledger.charge(user_id, U // 2)  # drawn from the promotional grant: it expires first
+    client = host.test_client()
+    script = client.get("/static/billing.js")
+    text = script.get_data(as_text=True)
+    script.close()
+    for used in ("urls.grants", "next_expiry", "paid_usdc", "promotional_usdc", "expires_at"):
+        assert used in text, used
+
+    balance = client.get("/api/billing/credits", headers=auth(user_id)).get_json()
+    assert (balance["paid_usdc"], balance["promotional_usdc"]) == ("20.0000000", "2.5000000")
+    assert balance["next_expiry"] == {
+        "at": "2099-03-01T17:30:00.000000Z",
+        "amount_usdc": "2.5000000",
+    }
+    mine = client.get("/api/billing/credits/grants?limit=10", headers=auth(user_id))
+    assert mine.status_code == 200, mine.get_json()
+    shown = [
+        (g["id"], g["category"], g["remaining_usdc"], g["held_usdc"], g["expires_at"], g["status"])
+        for g in mine.get_json()["data"]
+    ]
+    assert shown[0] == (
+        promo.id,
+        "promotional",
+        "2.5000000",
+        "0.0000000",
+        "2099-03-01T17:30:00.000000Z",
+        "active",
+    )
+    assert shown[1][1:] == ("paid", "20.0000000", "0.0000000", None, "active")
+    assert len(shown) == 2
+    admin = auth(ADMIN, scopes=ADMIN_SCOPE)
+    theirs = client.get(f"/api/billing/credits/grants?limit=10&user_id={user_id}", headers=admin)
+    assert theirs.get_json()["data"] == mine.get_json()["data"]
+    other = client.get(f"/api/billing/credits/grants?user_id={user_id}", headers=auth("someone"))
+    assert other.status_code == 403
+
+
+def test_the_grants_box_lists_used_up_grants_too(host, user_id, auth):
+    """Ticked, the page asks for ``status=all``: a used-up grant is listed."""
+    _top_up(host, user_id, U)
+    _charge(host, user_id, U)
+    client = host.test_client()
+
+    current = client.get("/api/billing/credits/grants?limit=10", headers=auth(user_id))
+    assert current.get_json()["data"] == []
+    every = client.get("/api/billing/credits/grants?limit=10&status=all", headers=auth(user_id))
+    assert [g["status"] for g in every.get_json()["data"]] == ["depleted"]
+    balance = client.get("/api/billing/credits", headers=auth(user_id)).get_json()
+    assert balance["next_expiry"] is None
+
+
+def test_the_admin_grant_form_request_gives_promotional_credit(host, user_id, auth):
+    """The request the admin form sends: an expiry in UTC with milliseconds, as
+    the browser's ``toISOString()`` writes it."""
+    _top_up(host, user_id, 10 * U)
+    client = host.test_client()
+    admin = auth(ADMIN, scopes=ADMIN_SCOPE)
+    body = {
+        "user_id": user_id,
+        "amount_usdc": "5",
+        "category": "promotional",
+        "description": "Promotional credit from the billing page",
+        "expires_at": "2099-06-30T18:00:00.000Z",
+    }
+
+    given = client.post(
+        "/api/billing/credits/grants", json=body, headers={**admin, "Idempotency-Key": user_id}
+    )
+
+    assert given.status_code == 201, given.get_json()
+    grant = given.get_json()
+    assert (grant["category"], grant["amount_usdc"], grant["expires_at"]) == (
+        "promotional",
+        "5.0000000",
+        "2099-06-30T18:00:00.000000Z",
+    )
+    balance = client.get("/api/billing/credits", headers=auth(user_id)).get_json()
+    assert balance["next_expiry"] == {
+        "at": "2099-06-30T18:00:00.000000Z",
+        "amount_usdc": "5.0000000",
+    }
+    assert _balance_units(host, user_id) == 15 * U
+    # A past expiry is a 400 on the field, which the page words as a sentence.
+    past = client.post(
+        "/api/billing/credits/grants",
+        json={**body, "expires_at": "2001-01-01T00:00:00.000Z"},
+        headers={**admin, "Idempotency-Key": f"{user_id}-past"},
+    )
+    assert past.status_code == 400
+    assert past.get_json()["details"][0]["field"] == "expires_at"
+    assert _balance_units(host, user_id) == 15 * U
 
 
 # --- the paid endpoints ---------------------------------------------------------

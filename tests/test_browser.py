@@ -2,7 +2,8 @@
 driven by Playwright (the PyPI package only: nothing downloads a browser).
 
 The example host app is served on a free loopback port from a thread, on a
-temporary SQLite file. Without /usr/bin/chromium these tests are skipped,
+temporary SQLite file. Tabs read dates in the en-GB locale and in UTC, so the
+page's dates have one spelling. Without /usr/bin/chromium these tests are skipped,
 except under ``CI=true``, where that is a failure. A failed test leaves a
 screenshot in tests/artifacts/.
 """
@@ -15,6 +16,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 5_000
+#: When the promotional credit of these tests expires, and how the page spells it.
+PROMO_EXPIRY = datetime(2099, 3, 1, 17, 30, tzinfo=UTC)
+PROMO_EXPIRY_SHOWN = "1 Mar 2099, 17:30"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
@@ -81,6 +86,20 @@ class LiveApp:
         with self.app.app_context():
             ledger = current_ledger()
             ledger.hold(user_id, _units(ledger, amount_usdc))
+
+    def grant(self, user_id: str, amount_usdc: str, **options: Any) -> str:
+        """A promotional grant (by default); its id."""
+        with self.app.app_context():
+            ledger = current_ledger()
+            return str(ledger.grant(user_id, _units(ledger, amount_usdc), **options).id)
+
+    def void_grant(self, grant_id: str) -> None:
+        with self.app.app_context():
+            current_ledger().void_grant(grant_id)
+
+    def grants(self, user_id: str) -> list[Any]:
+        with self.app.app_context():
+            return current_ledger().grants(user_id, status="all", limit=100).items
 
     def entries(self, user_id: str) -> list[Any]:
         with self.app.app_context():
@@ -168,7 +187,9 @@ def page(
 ) -> Iterator[Page]:
     """A fresh tab in a fresh context (its own sessionStorage); on failure, a
     screenshot in tests/artifacts/; any uncaught script error fails the test."""
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    context = browser.new_context(
+        viewport={"width": 1100, "height": 900}, locale="en-GB", timezone_id="UTC"
+    )
     tab = context.new_page()
     tab.set_default_timeout(TIMEOUT_MS)
     script_errors: list[str] = []
@@ -196,6 +217,10 @@ def test_page_shows_the_balance(page, live, user_id):
     expect(page.locator("#balance")).to_have_text("12.50")
     expect(page.locator("#held")).to_have_text("2.50")
     expect(page.locator("#available")).to_have_text("10.00")
+    expect(page.locator("#paid-credit")).to_have_text("12.50")
+    expect(page.locator("#promotional-credit")).to_have_text("0.00")
+    expect(page.locator("#next-expiry")).to_have_text("No credit is set to expire.")
+    expect(page.locator("#grants-rows tr")).to_have_count(1)
     expect(page.locator("#whoami")).to_have_text(f"Signed in as {user_id}")
     expect(page.locator("#admin")).to_be_hidden()
     # The token leaves the address bar at once and lives in the tab.
@@ -342,3 +367,116 @@ def test_a_bad_sign_in_link_says_so(page, live):
     page.get_by_role("button", name="Sign out").click()
     expect(page.locator("#notice")).to_have_text(re.compile(r"^You are not signed in"))
     expect(page.get_by_role("button", name="Try the paid call")).to_be_hidden()
+
+
+def _grant_rows(page: Page) -> list[list[str]]:
+    """The grants table as the reader sees it: one list of cell texts a row."""
+    rows = page.locator("#grants-rows tr")
+    return rows.evaluate_all(
+        "rows => rows.map(row => Array.from(row.cells, cell => cell.textContent))"
+    )
+
+
+def test_page_shows_the_grants_and_the_next_expiry(page, live, user_id):
+    live.top_up(user_id, "20")
+    promo = live.grant(user_id, "3", expires_at=PROMO_EXPIRY)
+    # Both at priority 50: the promotional credit expires first, so it is
+    # spent first and pinned by the hold.
+    live.charge(user_id, "0.5")
+    live.hold(user_id, "1")
+    # Listed, but neither in the balance nor expiring.
+    live.grant(user_id, "4", effective_at=datetime(2098, 1, 1, tzinfo=UTC))
+
+    page.goto(live.page_url(user_id))
+
+    expect(page.locator("#balance")).to_have_text("22.50")
+    expect(page.locator("#paid-credit")).to_have_text("20.00")
+    expect(page.locator("#promotional-credit")).to_have_text("2.50")
+    # What can still be spent of it expires then: the held part stays.
+    next_expiry = page.locator("#next-expiry")
+    expect(next_expiry).to_have_text(f"1.50 USDC expires on {PROMO_EXPIRY_SHOWN}.")
+    expect(next_expiry).to_have_attribute("data-amount", "1.5000000")
+    expect(next_expiry.locator("time")).to_have_attribute(
+        "datetime", "2099-03-01T17:30:00.000000Z"
+    )
+    rows = page.locator("#grants-rows tr")
+    expect(rows).to_have_count(3)
+    assert _grant_rows(page) == [
+        ["Promotional", "4.00", "4.00", "0.00", "never", "Starts 1 Jan 2098, 00:00"],
+        ["Promotional", "3.00", "1.50", "1.00", PROMO_EXPIRY_SHOWN, "Active"],
+        ["Paid", "20.00", "20.00", "0.00", "never", "Active"],
+    ]
+    expect(rows.nth(1)).to_have_attribute("data-grant-id", promo)
+    expect(page.locator("#grants-empty")).to_be_hidden()
+    expect(page.locator("#grants-more")).to_be_hidden()
+
+
+def test_past_grants_show_when_asked_and_page_on(page, live, user_id):
+    for _ in range(11):
+        live.top_up(user_id, "1")
+    live.charge(user_id, "1")  # the oldest top-up: used up
+    live.void_grant(live.grant(user_id, "2", expires_at=PROMO_EXPIRY))
+
+    page.goto(live.page_url(user_id))
+    rows = page.locator("#grants-rows tr")
+    expect(rows).to_have_count(10)
+    expect(page.locator("#grants-more")).to_be_hidden()
+    assert {row[-1] for row in _grant_rows(page)} == {"Active"}
+    expect(page.locator("#next-expiry")).to_have_text("No credit is set to expire.")
+
+    page.get_by_label("Show used-up, expired and voided grants").check()
+    expect(rows.first).to_have_attribute("data-status", "voided")
+    expect(rows).to_have_count(10)
+    page.get_by_role("button", name="More grants").click()
+    expect(rows).to_have_count(12)
+    expect(page.locator("#grants-more")).to_be_hidden()
+    shown = _grant_rows(page)
+    assert shown[0] == ["Promotional", "2.00", "0.00", "0.00", PROMO_EXPIRY_SHOWN, "Voided"]
+    assert shown[-1] == ["Paid", "1.00", "0.00", "0.00", "never", "Used up"]
+    expect(page.locator("#grants-status")).to_have_text("Showing 12 grants.")
+
+
+def test_admin_gives_promotional_credit(page, live, user_id):
+    live.top_up(user_id, "10")
+    page.goto(live.page_url(ADMIN, scopes=ADMIN_SCOPE))
+    page.get_by_label("Show account").fill(user_id)
+    page.get_by_role("button", name="Show", exact=True).click()
+    expect(page.locator("#grants-rows tr")).to_have_count(1)
+    expect(page.get_by_label("For user")).to_have_value(user_id)
+
+    page.get_by_label("Promotional credit (USDC)").fill("5")
+    page.get_by_label("Expires").fill("2099-06-30T18:00")
+    with page.expect_request(lambda sent: sent.url.endswith("/credits/grants")) as sent:
+        page.get_by_role("button", name="Give credit").click()
+
+    assert UUID.fullmatch(sent.value.headers["idempotency-key"])
+    assert sent.value.post_data_json["expires_at"] == "2099-06-30T18:00:00.000Z"
+    expect(page.locator("#grant-result")).to_have_text(
+        f"Gave 5.00 USDC of promotional credit to {user_id}, expiring on 30 Jun 2099, 18:00."
+    )
+    expect(page.locator("#promotional-credit")).to_have_text("5.00")
+    expect(page.locator("#next-expiry")).to_have_text("5.00 USDC expires on 30 Jun 2099, 18:00.")
+    expect(page.locator("#grants-rows tr")).to_have_count(2)
+    assert _grant_rows(page)[0] == [
+        "Promotional",
+        "5.00",
+        "5.00",
+        "0.00",
+        "30 Jun 2099, 18:00",
+        "Active",
+    ]
+    expect(page.locator("#history-rows tr").first).to_contain_text("Credit grant")
+    expect(page.locator("#balance")).to_have_text("15.00")
+    given = [grant for grant in live.grants(user_id) if grant.category == "promotional"]
+    assert [(grant.amount_units, grant.expires_at) for grant in given] == [
+        (50_000_000, datetime(2099, 6, 30, 18, tzinfo=UTC))
+    ]
+
+    # An expiry already past reads as a sentence, and gives nothing.
+    page.get_by_label("Promotional credit (USDC)").fill("5")
+    page.get_by_label("Expires").fill("2001-01-01T00:00")
+    page.get_by_role("button", name="Give credit").click()
+    result = page.locator("#grant-result")
+    expect(result).to_have_text("Expiry must be in the future.")
+    expect(result).to_have_attribute("data-kind", "error")
+    assert len(live.grants(user_id)) == 2

@@ -1,10 +1,13 @@
 """A server-rendered billing page over the credits API (vanilla JS, no build).
 
 ``GET /billing`` renders the page; its script (``static/billing.js``) calls
-the credits API with the signed-in user's token: the balance, the history,
-and ``GET /api/billing/credits/usage`` for the usage chart (30 days of
-spending and top-ups, and when the credits run out at the current pace),
-which the script draws as SVG.
+the credits API with the signed-in user's token: the balance (paid and
+promotional, and the next credit to expire), the grants
+(``GET /api/billing/credits/grants``), the history, and
+``GET /api/billing/credits/usage`` for the usage chart (30 days of spending
+and top-ups, and when the credits run out at the current pace), which the
+script draws as SVG. An admin token also gets a top-up form and a form that
+gives promotional credit (``POST /api/billing/credits/grants``).
 
 DEMO-ONLY sign-in: the demo has no login system, so ``make demo`` prints
 ``/billing?token=…`` links. The page's script moves the token into the tab's

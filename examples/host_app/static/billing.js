@@ -9,6 +9,7 @@ const urls = {
   transactions: root.dataset.transactionsUrl,
   topup: root.dataset.topupUrl,
   usage: root.dataset.usageUrl,
+  grants: root.dataset.grantsUrl,
   paid: root.dataset.paidUrl,
 };
 const pageSize = Number(root.dataset.pageSize) || 20;
@@ -30,13 +31,18 @@ const MESSAGES = {
   FORBIDDEN: "Your account is not allowed to do that.",
   NOT_FOUND: "That was not found.",
   PAYLOAD_TOO_LARGE: "That request is too large.",
-  BALANCE_LIMIT_EXCEEDED: "That top-up would take the balance over its limit.",
+  BALANCE_LIMIT_EXCEEDED: "That credit would take the balance over its limit.",
   DUPLICATE_REFERENCE: "That payment has already been credited.",
   IDEMPOTENCY_IN_PROGRESS: "That request is still being processed. Try again in a moment.",
   IDEMPOTENCY_CONFLICT: "That request clashes with an earlier one. Please try again.",
   INTERNAL_SERVER_ERROR: "Something went wrong on our side. Please try again.",
 };
-const FIELD_NAMES = { amount_usdc: "Amount", user_id: "User id", cursor: "Page" };
+const FIELD_NAMES = {
+  amount_usdc: "Amount",
+  user_id: "User id",
+  expires_at: "Expiry",
+  cursor: "Page",
+};
 const NETWORK_ERROR = "Could not reach the server. Check your connection and try again.";
 
 class ApiError extends Error {
@@ -50,11 +56,15 @@ class ApiError extends Error {
 }
 
 // The API's details are sentences ("Amount must be greater than zero."); name
-// the field when the sentence does not.
+// the field when the sentence does not, and by its label when the sentence
+// starts with its JSON name ("expires_at must be in the future").
 function validationMessage(detail) {
   if (!detail || typeof detail.message !== "string") return "Please check what you entered.";
   const label = FIELD_NAMES[detail.field] || "Input";
-  const sentence = detail.message.endsWith(".") ? detail.message : `${detail.message}.`;
+  let sentence = detail.message.endsWith(".") ? detail.message : `${detail.message}.`;
+  if (detail.field && sentence.startsWith(`${detail.field} `)) {
+    sentence = label + sentence.slice(detail.field.length);
+  }
   return sentence.startsWith(label) ? sentence : `${label}: ${sentence}`;
 }
 
@@ -115,7 +125,7 @@ const token = takeToken();
 const claims = token ? claimsOf(token) : {};
 const me = typeof claims.sub === "string" ? claims.sub : null;
 const isAdmin = hasScope(claims, root.dataset.adminScope);
-let shownUser = me; // whose balance, chart and history are on the page
+let shownUser = me; // whose balance, grants, chart and history are on the page
 
 // --- API calls ------------------------------------------------------------------
 
@@ -173,6 +183,18 @@ const TYPE_LABELS = {
   refund: "Refund",
   hold_capture: "Paid call",
   adjustment: "Adjustment",
+  grant: "Credit grant",
+  expiration: "Expired",
+  void: "Voided",
+};
+
+const CATEGORY_LABELS = { paid: "Paid", promotional: "Promotional" };
+const STATUS_LABELS = {
+  active: "Active",
+  scheduled: "Scheduled",
+  depleted: "Used up",
+  expired: "Expired",
+  voided: "Voided",
 };
 
 function dateTime(iso) {
@@ -180,6 +202,15 @@ function dateTime(iso) {
   return Number.isNaN(date.getTime())
     ? iso
     : date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
+// A <time> showing the instant in the reader's locale and time zone.
+function timeElement(iso) {
+  const element = document.createElement("time");
+  element.dateTime = iso;
+  element.title = iso;
+  element.textContent = dateTime(iso);
+  return element;
 }
 
 function details(entry) {
@@ -210,8 +241,83 @@ async function loadBalance() {
     $("held").textContent = usdc(balance.held_usdc);
     $("available").textContent = usdc(balance.available_usdc);
     $("balance").dataset.value = balance.balance_usdc;
+    $("paid-credit").textContent = usdc(balance.paid_usdc);
+    $("promotional-credit").textContent = usdc(balance.promotional_usdc);
+    showNextExpiry(balance.next_expiry);
   } finally {
     figures.setAttribute("aria-busy", "false");
+  }
+}
+
+// The soonest expiry of credit that can still be spent, and how much of it
+// goes then.
+function showNextExpiry(nextExpiry) {
+  const line = $("next-expiry");
+  line.dataset.at = nextExpiry ? nextExpiry.at : "";
+  line.dataset.amount = nextExpiry ? nextExpiry.amount_usdc : "";
+  if (!nextExpiry) {
+    line.textContent = "No credit is set to expire.";
+    return;
+  }
+  line.replaceChildren(
+    `${usdc(nextExpiry.amount_usdc)} USDC expires on `,
+    timeElement(nextExpiry.at),
+    ".",
+  );
+}
+
+// --- the grants --------------------------------------------------------------------
+// GET /credits/grants, newest first: by default the active and scheduled
+// ones, with the box ticked every grant (status=all).
+
+let grantsCursor = null;
+
+function grantRow(grant) {
+  const row = document.createElement("tr");
+  row.dataset.grantId = grant.id;
+  row.dataset.category = grant.category;
+  row.dataset.status = grant.status;
+  const cell = (content, className = "") => {
+    const element = document.createElement("td");
+    element.append(content);
+    if (className) element.className = className;
+    row.append(element);
+    return element;
+  };
+  const category = cell(CATEGORY_LABELS[grant.category] || grant.category);
+  if (grant.description || grant.reference) category.title = grant.description || grant.reference;
+  cell(usdc(grant.amount_usdc), "num");
+  cell(usdc(grant.remaining_usdc), "num");
+  cell(usdc(grant.held_usdc), "num");
+  cell(grant.expires_at ? timeElement(grant.expires_at) : "never", "when");
+  const status = cell(STATUS_LABELS[grant.status] || grant.status, "status");
+  status.dataset.status = grant.status;
+  if (grant.status === "scheduled") {
+    status.replaceChildren("Starts ", timeElement(grant.effective_at));
+  }
+  return row;
+}
+
+async function loadGrants({ reset = false } = {}) {
+  const rows = $("grants-rows");
+  const more = $("grants-more");
+  const everyGrant = $("grants-all").checked;
+  more.disabled = true;
+  try {
+    const extra = { limit: String(pageSize) };
+    if (everyGrant) extra.status = "all";
+    if (!reset && grantsCursor) extra.cursor = grantsCursor;
+    const page = await (await api(withUser(urls.grants, extra))).json();
+    if (reset) rows.replaceChildren();
+    rows.append(...page.data.map(grantRow));
+    grantsCursor = page.next_cursor;
+    more.hidden = !grantsCursor;
+    const empty = $("grants-empty");
+    empty.textContent = everyGrant ? "No credit granted yet." : "No active or scheduled credit.";
+    empty.hidden = rows.children.length > 0;
+    setText("grants-status", reset ? "" : `Showing ${rows.children.length} grants.`);
+  } finally {
+    more.disabled = false;
   }
 }
 
@@ -429,7 +535,12 @@ async function loadHistory({ reset = false } = {}) {
 
 async function refresh() {
   $("account-name").textContent = shownUser && shownUser !== me ? `· ${shownUser}` : "";
-  const results = await Promise.allSettled([loadBalance(), loadChart(), loadHistory({ reset: true })]);
+  const results = await Promise.allSettled([
+    loadBalance(),
+    loadGrants({ reset: true }),
+    loadChart(),
+    loadHistory({ reset: true }),
+  ]);
   const failed = results.find((result) => result.status === "rejected");
   showNotice(failed ? failed.reason.message : "");
 }
@@ -464,31 +575,47 @@ function newIdempotencyKey() {
   return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
-// A fresh key per top-up, but the same one when the very same top-up is sent
-// again after the network failed: if the first one did land, it is replayed
-// instead of crediting twice.
-let pendingTopUp = null;
+// A fresh key per request, but the same one when the very same request is
+// sent again after the network failed: if the first one did land, it is
+// replayed instead of crediting twice.
+class RetryKey {
+  #pending = null;
+
+  for(body) {
+    const fingerprint = JSON.stringify(body);
+    if (!this.#pending || this.#pending.fingerprint !== fingerprint) {
+      this.#pending = { fingerprint, key: newIdempotencyKey() };
+    }
+    return this.#pending.key;
+  }
+
+  settled(error = null) {
+    if (!error || !error.retryable) this.#pending = null;
+  }
+}
+
+const topUpKey = new RetryKey();
+const grantKey = new RetryKey();
 
 async function topUp(event) {
   event.preventDefault();
   const form = event.currentTarget;
-  const userId = form.elements.user_id.value.trim();
-  const amount = form.elements.amount_usdc.value.trim();
-  const fingerprint = JSON.stringify([userId, amount]);
-  if (!pendingTopUp || pendingTopUp.fingerprint !== fingerprint) {
-    pendingTopUp = { fingerprint, key: newIdempotencyKey() };
-  }
+  const body = {
+    user_id: form.elements.user_id.value.trim(),
+    amount_usdc: form.elements.amount_usdc.value.trim(),
+    description: "Top-up from the billing page",
+  };
   const submit = form.querySelector("button[type=submit]");
   submit.disabled = true;
   setText("topup-result", "Topping up…");
   try {
     const response = await api(urls.topup, {
       method: "POST",
-      headers: { "Idempotency-Key": pendingTopUp.key },
-      body: { user_id: userId, amount_usdc: amount, description: "Top-up from the billing page" },
+      headers: { "Idempotency-Key": topUpKey.for(body) },
+      body,
     });
     const entry = await response.json();
-    pendingTopUp = null;
+    topUpKey.settled();
     setText(
       "topup-result",
       `Added ${usdc(entry.amount_usdc)} USDC to ${entry.user_id}. ` +
@@ -496,21 +623,73 @@ async function topUp(event) {
       "success",
     );
     form.elements.amount_usdc.value = "";
-    shownUser = entry.user_id;
-    $("account-user").value = entry.user_id;
+    showUser(entry.user_id);
     await refresh();
   } catch (error) {
-    if (!error.retryable) pendingTopUp = null;
+    topUpKey.settled(error);
     setText("topup-result", error.message, "error");
   } finally {
     submit.disabled = false;
   }
 }
 
+// The expiry is picked in the reader's local time; the API gets the instant
+// in UTC.
+function instantOf(localDateTime) {
+  if (!localDateTime) return null;
+  const date = new Date(localDateTime);
+  return Number.isNaN(date.getTime()) ? localDateTime : date.toISOString();
+}
+
+async function giveCredit(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const body = {
+    user_id: form.elements.user_id.value.trim(),
+    amount_usdc: form.elements.amount_usdc.value.trim(),
+    category: "promotional",
+    description: "Promotional credit from the billing page",
+  };
+  const expiresAt = instantOf(form.elements.expires_at.value);
+  if (expiresAt) body.expires_at = expiresAt;
+  const submit = form.querySelector("button[type=submit]");
+  submit.disabled = true;
+  setText("grant-result", "Giving credit…");
+  try {
+    const response = await api(urls.grants, {
+      method: "POST",
+      headers: { "Idempotency-Key": grantKey.for(body) },
+      body,
+    });
+    const grant = await response.json();
+    grantKey.settled();
+    const until = grant.expires_at ? `, expiring on ${dateTime(grant.expires_at)}` : "";
+    setText(
+      "grant-result",
+      `Gave ${usdc(grant.amount_usdc)} USDC of promotional credit to ${grant.user_id}${until}.`,
+      "success",
+    );
+    form.elements.amount_usdc.value = "";
+    form.elements.expires_at.value = "";
+    showUser(grant.user_id);
+    await refresh();
+  } catch (error) {
+    grantKey.settled(error);
+    setText("grant-result", error.message, "error");
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+// The admin's forms follow the account shown.
+function showUser(userId) {
+  shownUser = userId;
+  for (const id of ["account-user", "topup-user", "grant-user"]) $(id).value = userId || "";
+}
+
 async function showAccount(event) {
   event.preventDefault();
-  shownUser = event.currentTarget.elements.user_id.value.trim() || me;
-  $("topup-user").value = shownUser;
+  showUser(event.currentTarget.elements.user_id.value.trim() || me);
   await refresh();
 }
 
@@ -519,6 +698,14 @@ async function loadMore() {
     await loadHistory();
   } catch (error) {
     setText("history-status", error.message, "error");
+  }
+}
+
+async function reloadGrants({ reset }) {
+  try {
+    await loadGrants({ reset });
+  } catch (error) {
+    setText("grants-status", error.message, "error");
   }
 }
 
@@ -542,12 +729,14 @@ function start() {
   $("sign-out").addEventListener("click", signOut);
   $("paid-call").addEventListener("click", tryPaidCall);
   $("load-more").addEventListener("click", loadMore);
+  $("grants-more").addEventListener("click", () => reloadGrants({ reset: false }));
+  $("grants-all").addEventListener("change", () => reloadGrants({ reset: true }));
   if (isAdmin) {
     $("admin").hidden = false;
-    $("account-user").value = me || "";
-    $("topup-user").value = me || "";
+    showUser(me);
     $("account-form").addEventListener("submit", showAccount);
     $("topup-form").addEventListener("submit", topUp);
+    $("grant-form").addEventListener("submit", giveCredit);
   }
   refresh();
 }
