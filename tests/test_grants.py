@@ -577,3 +577,123 @@ def test_mixed_load_while_grants_expire(app, ledger, clock, user_id):
     balance = ledger.find_by_user_id(user_id)
     assert balance.balance_units >= 0
     assert balance.paid_units + balance.promotional_units == balance.balance_units
+
+
+def _grant_child(url: str, tests_dir: str, user_id: str, seed: int, out: Any) -> None:
+    """One OS process: its own app, charging, holding, refunding and giving
+    short-lived grants on the shared user for about three seconds."""
+    import sys
+    import time
+    import traceback
+
+    try:
+        if tests_dir not in sys.path:
+            sys.path.insert(0, tests_dir)
+        from conftest import make_app
+
+        app = make_app(url)
+        rng = random.Random(seed)
+        done: list[str] = []
+        with app.app_context():
+            ledger = current_ledger()
+            stop = time.monotonic() + 3
+            while time.monotonic() < stop:
+                kind = rng.choice(["charge", "charge", "hold", "grant", "refund"])
+                try:
+                    if kind == "charge":
+                        done.append(ledger.charge(user_id, rng.randint(1, U)).id)
+                    elif kind == "hold":
+                        hold = ledger.hold(user_id, rng.randint(1, U), expires_in_seconds=1)
+                        if rng.random() < 0.5:
+                            ledger.capture(hold.id, rng.randint(0, hold.amount_units))
+                    elif kind == "grant":
+                        now = datetime.now(timezone.utc)
+                        ledger.grant(
+                            user_id,
+                            rng.randint(1, U),
+                            expires_at=now + timedelta(milliseconds=rng.randint(200, 1500)),
+                        )
+                    elif done:
+                        ledger.refund(rng.choice(done), 1)
+                except (InsufficientCredits, GrantNotActive):
+                    pass
+                except Exception as exc:
+                    if type(exc).__name__ not in ("RefundExceedsCharge", "HoldNotPending"):
+                        raise
+            app.extensions["sqlalchemy"].engine.dispose()
+        out.put((seed, ""))
+    except BaseException:
+        out.put((seed, traceback.format_exc()))
+
+
+def test_processes_while_grants_expire(databases, engine_name, user_id):
+    """Processes on one user whose grants expire (on the real clock) while
+    they charge, hold, capture, refund and give more short-lived grants."""
+    if engine_name == "sqlite":
+        pytest.skip("multi-process load targets the server engines; SQLite is embedded")
+    import multiprocessing
+    from pathlib import Path
+
+    from conftest import make_app
+
+    url = databases.url(engine_name)
+    app = make_app(url)
+    now = datetime.now(timezone.utc)
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 20 * U)
+        for n in range(5):
+            ledger.grant(user_id, 3 * U, expires_at=now + timedelta(seconds=1 + n / 2))
+    mp = multiprocessing.get_context("spawn")
+    out = mp.Queue()
+    children = [
+        mp.Process(
+            target=_grant_child,
+            args=(url, str(Path(__file__).parent), user_id, seed, out),
+        )
+        for seed in range(3)
+    ]
+    for child in children:
+        child.start()
+    results = [out.get(timeout=120) for _ in children]
+    for child in children:
+        child.join(timeout=30)
+    assert [error for _, error in results if error] == []
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.settle_grants()
+        engine = app.extensions["sqlalchemy"].engine
+        problems = ledger_problems(engine, user_id, datetime.now(timezone.utc))
+        assert problems == [], "\n".join(problems)
+        assert ledger.reconcile(user_id).ok
+        kinds = {row.type for row in snapshot(engine, user_id).entries}
+        assert "expiration" in kinds
+        engine.dispose()
+
+
+def test_refunds_across_a_void_leave_again(app, ledger, clock, user_id):
+    paid = ledger.top_up(user_id, 4 * U)
+    promo = ledger.grant(user_id, 3 * U)
+    charge = ledger.charge(user_id, 5 * U)  # promo 3, then paid 2
+    ledger.grant(user_id, U, reference="spare")
+    other = ledger.charge(user_id, 2 * U, reference="c2")  # the spare 1, then paid 1
+    voided = ledger.grant(user_id, 2 * U, priority=0)
+    ledger.charge(user_id, U)  # from the priority-0 grant: 1 left in it
+    ledger.void_grant(voided.id, reason="campaign withdrawn")  # its 1 leaves
+    first = ledger.refund(charge.id, U)  # last drawn first: paid
+    second = ledger.refund(charge.id)  # paid 1, then promo 3
+    assert [(a.grant_id, a.amount_units) for a in first.allocations] == [(paid.grant_id, U)]
+    assert [(a.grant_id, a.amount_units) for a in second.allocations] == [
+        (paid.grant_id, U),
+        (promo.id, 3 * U),
+    ]
+    refund = ledger.refund(ledger.history(user_id, type="charge").items[0].id)
+    assert [(a.grant_id, a.amount_units) for a in refund.allocations] == [(voided.id, U)]
+    rows = entries(app, user_id)
+    assert [(r.type, int(r.amount_units), r.grant_id) for r in rows[-2:]] == [
+        ("refund", U, None),
+        ("void", -U, voided.id),
+    ]
+    assert other.allocations
+    assert ledger.get_grant(voided.id).remaining_units == 0
+    exact(app, user_id, clock)
