@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -288,12 +289,19 @@ def test_gunicorn_metrics_count_each_answer_across_workers(metrics_server: OpsSe
         reply = server.request(method, CREDITS + path, headers, body)
         assert reply.status == status, (method, path, reply.body)
         workers.add(reply.worker)
+    # Sequential requests may all be accepted by the same worker; requests
+    # sent four at a time keep one worker busy while another accepts.
     not_found = 0
-    while not_found < 1 or (len(workers) < 2 and not_found < 40):
-        reply = server.request("GET", f"{CREDITS}/nowhere", bearer(fresh()))
-        assert reply.status == 404
-        workers.add(reply.worker)
-        not_found += 1
+
+    def nowhere(_: int) -> Any:
+        return server.request("GET", f"{CREDITS}/nowhere", bearer(fresh()))
+
+    with ThreadPoolExecutor(4) as pool:
+        while not_found < 1 or (len(workers) < 2 and not_found < 200):
+            for reply in pool.map(nowhere, range(4)):
+                assert reply.status == 404
+                workers.add(reply.worker)
+                not_found += 1
     assert len(workers) == 2
 
     scraped = server.request("GET", "/metrics")
