@@ -126,7 +126,7 @@ INSERT_ALLOCATION = (
     "RETURNING credits_allocations.id"
 )
 
-# store.insert_idempotency(): the key claimed with the stored response.
+# key_rows.insert_idempotency(): the key claimed with the stored response.
 INSERT_IDEMPOTENCY = (
     "INSERT INTO credits_idempotency (key_hash, user_id, actor_id, method, path, "
     "idempotency_key, fingerprint, status_code, response_body, created_at, expires_at) "

@@ -48,7 +48,7 @@ from callora_credits.core.pagination import (
     seq_cursor,
 )
 from callora_credits.core.records import METADATA, TIME, UNITS, Hold, Record, attr
-from callora_credits.db import store
+from callora_credits.db import hold_rows, store
 from callora_credits.db.models import IdempotencyRecord
 from callora_credits.errors import (
     DuplicateReference,
@@ -560,14 +560,14 @@ def test_the_reference_constraints_are_found_by_their_columns():
         store.unique_constraint(store.entries, "user_id", "type", "reference")
         is store.ENTRY_REFERENCE
     )
-    assert store.unique_constraint(store.holds, "user_id", "reference") is store.HOLD_REFERENCE
+    assert store.unique_constraint(store.holds, "user_id", "reference") is hold_rows.HOLD_REFERENCE
     with pytest.raises(LookupError, match=r"^credits_transactions has no unique constraint on"):
         store.unique_constraint(store.entries, "user_id", "reference", "type")
     assert (
         store._constraint_name(store.ENTRY_REFERENCE)
         == "uq_credits_transactions_user_id_type_reference"
     )
-    assert store._constraint_name(store.HOLD_REFERENCE) == "uq_credits_holds_user_id_reference"
+    assert store._constraint_name(hold_rows.HOLD_REFERENCE) == "uq_credits_holds_user_id_reference"
 
 
 def _integrity_error(orig: BaseException) -> sa.exc.IntegrityError:
@@ -626,7 +626,7 @@ ENTRY_NAME = "uq_credits_transactions_user_id_type_reference"
 )
 def test_each_drivers_duplicate_is_told_apart(orig, expected):
     assert store.violates(_integrity_error(orig), store.ENTRY_REFERENCE) is expected
-    assert store.violates(_integrity_error(orig), store.HOLD_REFERENCE) is False
+    assert store.violates(_integrity_error(orig), hold_rows.HOLD_REFERENCE) is False
 
 
 NOW = datetime(2026, 6, 1, 12, 0)

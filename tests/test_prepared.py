@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 
 from callora_credits import current_ledger
-from callora_credits.db import grant_rows, models, store
+from callora_credits.db import grant_rows, key_rows, models, store
 from callora_credits.db.prepared import PreparedStatement
 
 NOW = datetime(2026, 1, 1, 12, 30, 15, 123456)
@@ -141,9 +141,9 @@ def test_a_handle_error_listener_sees_hot_statement_errors(engine, user_id):
     event.listen(engine, "handle_error", on_error)
     try:
         with engine.connect() as conn, conn.begin():
-            store.insert_idempotency(conn, idempotency_values(user_id))
+            key_rows.insert_idempotency(conn, idempotency_values(user_id))
             with pytest.raises(IntegrityError):
-                store.insert_idempotency(conn, idempotency_values(user_id))
+                key_rows.insert_idempotency(conn, idempotency_values(user_id))
     finally:
         event.remove(engine, "handle_error", on_error)
     assert len(handled) == 1
@@ -196,11 +196,11 @@ def test_hide_parameters_hides_them_in_hot_statement_errors(host, user_id):
     # The database names the duplicate key in its own message; the rest is hidden.
     values = idempotency_values(f"key-{uuid.uuid4().hex}", user_id)
     with engine.begin() as conn:
-        store.insert_idempotency(conn, values)
+        key_rows.insert_idempotency(conn, values)
 
-    hot = attempt(engine, lambda conn: store.insert_idempotency(conn, values))
+    hot = attempt(engine, lambda conn: key_rows.insert_idempotency(conn, values))
     reference = attempt(
-        engine, lambda conn: conn.execute(store._INSERT_IDEMPOTENCY.clause, values)
+        engine, lambda conn: conn.execute(key_rows._INSERT_IDEMPOTENCY.clause, values)
     )
     assert hot == reference
     assert issubclass(hot[1], IntegrityError)
@@ -273,8 +273,8 @@ def test_schema_translate_map_applies_to_hot_statements(host, engine, tenant, se
         with conn.begin():
             assert store.credit(conn, user_id, 10, 10**12, NOW) == (10, 1, 0)
             assert store.debit(conn, user_id, 3, NOW) == (7, 2)
-            store.insert_idempotency(conn, idempotency_values(key, user_id))
-            assert store.find_idempotency(conn, key) is not None
+            key_rows.insert_idempotency(conn, idempotency_values(key, user_id))
+            assert key_rows.find_idempotency(conn, key) is not None
             row = store.balance_row(conn, user_id)
             assert row is not None
             assert int(row.balance_units) == 7
@@ -459,15 +459,15 @@ def test_bind_errors_are_those_of_connection_execute(engine, case):
 def test_database_errors_are_those_of_connection_execute(engine, user_id):
     values = idempotency_values(f"key-{user_id}", user_id)
     with engine.begin() as conn:
-        store.insert_idempotency(conn, values)
+        key_rows.insert_idempotency(conn, values)
 
-    hot = attempt(engine, lambda conn: store.insert_idempotency(conn, values))
+    hot = attempt(engine, lambda conn: key_rows.insert_idempotency(conn, values))
     reference = attempt(
-        engine, lambda conn: conn.execute(store._INSERT_IDEMPOTENCY.clause, values)
+        engine, lambda conn: conn.execute(key_rows._INSERT_IDEMPOTENCY.clause, values)
     )
     assert hot == reference
     assert issubclass(hot[1], IntegrityError)
-    assert hot[3] == store._INSERT_IDEMPOTENCY.sql(engine.dialect)  # the statement shown
+    assert hot[3] == key_rows._INSERT_IDEMPOTENCY.sql(engine.dialect)  # the statement shown
     assert user_id in hot[2]  # and its parameters
     assert hot[5] is False  # not taken for a lost connection
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from sqlalchemy.exc import IntegrityError
 
-from ..db import grant_rows, store
+from ..db import grant_rows, hold_rows, store
 from ..errors import (
     HoldAmountExceeded,
     HoldNotPending,
@@ -52,9 +52,9 @@ class HoldMoves(Moves):
             metadata=op.metadata,
         )
         try:
-            store.insert_hold(self.conn, {**hold.row_values(), "actor_id": op.actor_id})
+            hold_rows.insert_hold(self.conn, {**hold.row_values(), "actor_id": op.actor_id})
         except IntegrityError as exc:
-            if op.reference is not None and store.violates(exc, store.HOLD_REFERENCE):
+            if op.reference is not None and store.violates(exc, hold_rows.HOLD_REFERENCE):
                 raise self._duplicate("hold", op.reference) from None
             raise
         grant_rows.insert_allocations(
@@ -78,14 +78,14 @@ class HoldMoves(Moves):
         return hold
 
     def _resolve_hold(self, op: Capture | Release) -> Hold:
-        found = store.hold_row(self.conn, op.hold_id)
+        found = hold_rows.hold_row(self.conn, op.hold_id)
         if found is None:
             raise NotFound("No such hold")
         self.user_id = user_id = found.user_id
         # Lock order: the account first, as every balance change does; what
         # fell due (this hold's expiry too) is written first.
         self._lock(user_id)
-        row = store.hold_row(self.conn, op.hold_id, lock=True)
+        row = hold_rows.hold_row(self.conn, op.hold_id, lock=True)
         assert row is not None
         if row.status == "expired" or row.expires_at <= self.now:
             raise HoldNotPending("The hold has expired")
@@ -100,7 +100,7 @@ class HoldMoves(Moves):
                 f"The hold reserves {format_units(amount)} USDC; capture at most that"
             )
         status: HoldStatus = "captured" if units > 0 else "released"
-        if not store.resolve_hold(self.conn, op.hold_id, status, units, self.now):
+        if not hold_rows.resolve_hold(self.conn, op.hold_id, status, units, self.now):
             raise HoldNotPending()  # pragma: no cover - the row is locked
         pins = grant_rows.hold_pins(self.conn, [op.hold_id]).get(op.hold_id, [])
         states = {
@@ -135,7 +135,7 @@ class HoldMoves(Moves):
                 draws=spent,
             )
             self._balance_signals(user_id, moved[0] + units, moved[0])
-            store.set_hold_transaction(self.conn, op.hold_id, entry.id)
+            hold_rows.set_hold_transaction(self.conn, op.hold_id, entry.id)
         for grant, part in rest:
             if grant.dead:
                 grant_rows.move_grant(self.conn, grant.id, held=-part)

@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 
-from ..db import store
+from ..db import key_rows
 from ..db.unit_of_work import HostSession, RetryTransaction, Tx
 from ..errors import (
     CreditsError,
@@ -218,10 +218,10 @@ class IdempotentExecutor:
                 "expires_at": expires,
             }
             if session is not None:
-                store.insert_idempotency(tx.conn, values)
+                key_rows.insert_idempotency(tx.conn, values)
                 return
             try:
-                store.insert_idempotency(tx.conn, values)
+                key_rows.insert_idempotency(tx.conn, values)
             except IntegrityError:
                 # The first conflict always runs again, to replay a request
                 # that has finished; only repeated losses are "in progress".
@@ -230,11 +230,11 @@ class IdempotentExecutor:
                 raise RetryTransaction() from None
 
         def replay(tx: Tx) -> Outcome | None:
-            found = store.find_idempotency(tx.conn, scope.key_hash)
+            found = key_rows.find_idempotency(tx.conn, scope.key_hash)
             if found is None:
                 return None
             if found.expires_at <= now:
-                store.delete_expired_key(tx.conn, scope.key_hash, now)
+                key_rows.delete_expired_key(tx.conn, scope.key_hash, now)
                 return None
             if found.fingerprint != scope.fingerprint:
                 raise IdempotencyConflict()

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from typing_extensions import Unpack
 
 from ..config import CreditsConfig
-from ..db import store
+from ..db import hold_rows, key_rows, store
 from ..db.unit_of_work import HostSession, RetryStats, Tx, run
 from ..db.usage import BucketSums, usage_sums
 from ..errors import CreditsError, ValidationError
@@ -247,7 +247,7 @@ class Ledger(GrantsAPI):
         now = self._now()
 
         def work(tx: Tx) -> Hold | None:
-            row = store.hold_row(tx.conn, hold_id)
+            row = hold_rows.hold_row(tx.conn, hold_id)
             return None if row is None else Hold.from_row(row).as_of(now)
 
         return self._run(work, session, write=False)
@@ -267,7 +267,7 @@ class Ledger(GrantsAPI):
         after = decode_hold_cursor(cursor) if cursor else None
 
         def work(tx: Tx) -> Page[Hold]:
-            rows = store.pending_hold_rows(tx.conn, user_id, now, limit + 1, after)
+            rows = hold_rows.pending_hold_rows(tx.conn, user_id, now, limit + 1, after)
             page = [Hold.from_row(row).as_of(now) for row in rows[:limit]]
             last = page[-1] if len(rows) > limit and page else None
             return Page(page, None if last is None else hold_cursor(last.created_at, last.id))
@@ -281,7 +281,7 @@ class Ledger(GrantsAPI):
     def prune_idempotency_keys(self) -> int:
         """Delete idempotency records past their TTL; returns how many."""
         now = self._now()
-        return self._run(lambda tx: store.delete_expired_idempotency(tx.conn, now))
+        return self._run(lambda tx: key_rows.delete_expired_idempotency(tx.conn, now))
 
     # --- money-moving operations ---------------------------------------------------
 

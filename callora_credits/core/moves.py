@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 from sqlalchemy.exc import IntegrityError
 
-from ..db import grant_rows, store
+from ..db import grant_rows, hold_rows, store
 from ..db.unit_of_work import Tx
 from ..errors import (
     BalanceLimitExceeded,
@@ -423,7 +423,7 @@ def describe_duplicate(tx: Tx, taken: ReferenceTaken) -> DuplicateReference:
     """The error to record for ``taken``: it names the entry (or hold) that
     already has the reference."""
     if taken.type == "hold":
-        existing = store.hold_by_reference(tx.conn, taken.user_id, taken.reference)
+        existing = hold_rows.hold_by_reference(tx.conn, taken.user_id, taken.reference)
     elif taken.type == "grant":
         grant = grant_rows.grant_by_reference(tx.conn, taken.user_id, taken.reference)
         return DuplicateReference(

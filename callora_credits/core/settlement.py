@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from ..db import grant_rows, store
+from ..db import grant_rows, hold_rows, store
 from .clock import utc
 from .grants import DueEvent, DueHold, GrantState, due_events, next_due
 from .records import Entry
@@ -49,7 +49,7 @@ def project(conn: Connection, user_id: str, balance_units: int, now: datetime) -
     """
     rows = {row.id: row for row in grant_rows.live_grants(conn, user_id)}
     states = {grant_id: GrantState.from_row(row) for grant_id, row in rows.items()}
-    holds = store.pending_holds_of(conn, user_id)
+    holds = hold_rows.pending_holds_of(conn, user_id)
     due = [hold for hold in holds if hold.expires_at <= now]
     pins = grant_rows.hold_pins(conn, [hold.id for hold in due])
     missing = {gid for hold in due for gid, _ in pins.get(hold.id, [])} - states.keys()
@@ -123,7 +123,7 @@ def settle(
             assert event.grant is not None
             after_commit("grant_expired", grant_id=event.grant.id, entry=None)
         if event.hold is not None:
-            store.expire_hold(conn, event.hold.id, event.at)
+            hold_rows.expire_hold(conn, event.hold.id, event.at)
     for grant_id, grant in projection.grants.items():
         changed = projection.written[grant_id] != (
             grant.remaining_units,

@@ -15,7 +15,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    delete,
     func,
     insert,
     or_,
@@ -33,18 +32,15 @@ from .unit_of_work import RetryTransaction
 
 __all__ = [
     "ENTRY_REFERENCE",
-    "HOLD_REFERENCE",
     "accounts",
     "balance_row",
     "credit",
     "debit",
     "entries",
-    "find_idempotency",
     "holds",
     "idempotency",
     "insert_account_if_missing",
     "insert_entry",
-    "insert_idempotency",
     "lock_account",
     "violates",
 ]
@@ -67,7 +63,6 @@ def unique_constraint(table: Table, *columns: str) -> UniqueConstraint:
 
 #: The unique constraints that make a reference credit (or hold) at most once.
 ENTRY_REFERENCE = unique_constraint(entries, "user_id", "type", "reference")
-HOLD_REFERENCE = unique_constraint(holds, "user_id", "reference")
 
 
 def _constraint_name(constraint: UniqueConstraint) -> str:
@@ -186,7 +181,8 @@ def insert_account_if_missing(conn: Connection, user_id: str, now: datetime) -> 
         raise RuntimeError(f"callora_credits does not support the {dialect} dialect")
 
 
-def _is_mysql(conn: Connection) -> bool:
+def is_mysql(conn: Connection) -> bool:
+    """Whether ``conn`` is on MariaDB/MySQL (no RETURNING, snapshot reads)."""
     return conn.dialect.name in ("mysql", "mariadb")
 
 
@@ -243,7 +239,7 @@ def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[in
     settles and tries again).
     """
     params = {"p_user_id": user_id, "p_units": units, "p_now": now}
-    if not _is_mysql(conn):
+    if not is_mysql(conn):
         row = _DEBIT_RETURNING.first(conn, params)
         return None if row is None else (int(row[0]), int(row[1]))
     if _DEBIT_COUNTED.rowcount(conn, params) != 1:
@@ -350,7 +346,7 @@ def credit(
         "p_due": due,
         "p_grants": grants,
     }
-    if not _is_mysql(conn):
+    if not is_mysql(conn):
         upsert = _UPSERT_CREDIT[conn.dialect.name]
         row = upsert.first(conn, params)
         return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
@@ -401,13 +397,6 @@ def entry_by_reference(conn: Connection, user_id: str, type_: str, reference: st
     return found
 
 
-def hold_by_reference(conn: Connection, user_id: str, reference: str) -> str | None:
-    """The id of the user's hold with ``reference``, if any."""
-    stmt = select(holds.c.id).where(holds.c.user_id == user_id, holds.c.reference == reference)
-    found: str | None = conn.execute(stmt).scalar()
-    return found
-
-
 def entry_row(conn: Connection, entry_id: str, *, lock: bool = False) -> Any:
     stmt = select(entries).where(entries.c.id == entry_id)
     if lock:
@@ -426,70 +415,6 @@ def add_refunded(conn: Connection, entry_id: str, units: int) -> bool:
         .values(refunded_units=entries.c.refunded_units + units)
     )
     return bool(conn.execute(stmt).rowcount == 1)
-
-
-_FIND_IDEMPOTENCY = PreparedStatement(
-    select(
-        idempotency.c.fingerprint,
-        idempotency.c.status_code,
-        idempotency.c.response_body,
-        idempotency.c.expires_at,
-    ).where(idempotency.c.key_hash == bindparam("p_key_hash", type_=idempotency.c.key_hash.type))
-)
-
-
-def find_idempotency(conn: Connection, key_hash: str) -> Any:
-    """The record of a claimed key, expired or not; a plain (non-locking) read."""
-    return _FIND_IDEMPOTENCY.first(conn, {"p_key_hash": key_hash})
-
-
-_INSERT_IDEMPOTENCY = PreparedStatement(
-    insert(idempotency), column_keys=[column.name for column in idempotency.columns]
-)
-
-
-def insert_idempotency(conn: Connection, values: dict[str, Any]) -> None:
-    """Claim a key with its response; a duplicate raises ``IntegrityError``."""
-    _INSERT_IDEMPOTENCY.rowcount(conn, values)
-
-
-def delete_expired_idempotency(conn: Connection, now: datetime) -> int:
-    """Delete records whose key expired; returns how many."""
-    return int(conn.execute(delete(idempotency).where(idempotency.c.expires_at <= now)).rowcount)
-
-
-def delete_expired_key(conn: Connection, key_hash: str, now: datetime) -> None:
-    """Free a key whose record has expired, so it can be claimed again.
-
-    Called only for a record known to exist: a DELETE that matched nothing
-    would take a gap lock on MariaDB (REPEATABLE READ) ahead of the account
-    row's lock and invert the lock order.
-    """
-    conn.execute(
-        delete(idempotency).where(
-            idempotency.c.key_hash == key_hash, idempotency.c.expires_at <= now
-        )
-    )
-
-
-def pending_holds_of(conn: Connection, user_id: str) -> list[Any]:
-    """Every hold of the user still marked pending, expired or not (read
-    after the account lock: a locking read on MariaDB)."""
-    stmt = select(holds.c.id, holds.c.created_at, holds.c.expires_at).where(
-        holds.c.user_id == user_id, holds.c.status == "pending"
-    )
-    if _is_mysql(conn):
-        stmt = stmt.with_for_update()
-    return list(conn.execute(stmt).all())
-
-
-def expire_hold(conn: Connection, hold_id: str, at: datetime) -> None:
-    """Mark a pending hold expired at its expiry (its pins went back)."""
-    conn.execute(
-        update(holds)
-        .where(holds.c.id == hold_id, holds.c.status == "pending")
-        .values(status="expired", resolved_at=at)
-    )
 
 
 def settle_account(
@@ -565,56 +490,6 @@ def unschedule(conn: Connection, user_id: str, units: int) -> None:
         .where(accounts.c.user_id == user_id)
         .values(scheduled_units=accounts.c.scheduled_units - units)
     )
-
-
-def insert_hold(conn: Connection, values: dict[str, Any]) -> None:
-    conn.execute(insert(holds).values(values))
-
-
-def hold_row(conn: Connection, hold_id: str, *, lock: bool = False) -> Any:
-    stmt = select(holds).where(holds.c.id == hold_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    return conn.execute(stmt).first()
-
-
-def resolve_hold(
-    conn: Connection, hold_id: str, status: str, captured_units: int, now: datetime
-) -> bool:
-    """Move a pending hold to ``status``; ``False`` if it was not pending."""
-    stmt = (
-        update(holds)
-        .where(holds.c.id == hold_id, holds.c.status == "pending")
-        .values(status=status, captured_units=captured_units, resolved_at=now)
-    )
-    return bool(conn.execute(stmt).rowcount == 1)
-
-
-def set_hold_transaction(conn: Connection, hold_id: str, transaction_id: str) -> None:
-    conn.execute(update(holds).where(holds.c.id == hold_id).values(transaction_id=transaction_id))
-
-
-def pending_hold_rows(
-    conn: Connection,
-    user_id: str,
-    now: datetime,
-    limit: int,
-    after: tuple[datetime, str] | None,
-) -> list[Any]:
-    """Live holds, newest first, keyset on (created_at, id)."""
-    stmt = select(holds).where(
-        holds.c.user_id == user_id, holds.c.status == "pending", holds.c.expires_at > now
-    )
-    if after is not None:
-        created, hold_id = after
-        stmt = stmt.where(
-            or_(
-                holds.c.created_at < created,
-                and_(holds.c.created_at == created, holds.c.id < hold_id),
-            )
-        )
-    stmt = stmt.order_by(holds.c.created_at.desc(), holds.c.id.desc()).limit(limit)
-    return list(conn.execute(stmt).all())
 
 
 def due_accounts(conn: Connection, now: datetime, limit: int) -> list[str]:
