@@ -474,6 +474,7 @@ def grants_problems(snap: Snapshot) -> list[str]:
     if held != pending_held:
         problems.append(f"grants hold {held} but pending holds reserve {pending_held}")
     taken: dict[str, int] = defaultdict(int)
+    migrated = any(g.origin == "migration" for g in snap.grants)
     for e in snap.entries:
         amount = int(e.amount_units)
         allocations = by_entry.get(e.id, [])
@@ -491,7 +492,6 @@ def grants_problems(snap: Snapshot) -> list[str]:
             if e.grant_id not in grants:
                 problems.append(f"{e.type} {e.id} names no grant of the user")
             taken[e.grant_id] += -amount
-        migrated = any(g.origin == "migration" for g in snap.grants)
         if e.grant_id is None and migrated:
             pass  # written before grants: the migration folded it into one grant
         elif e.type in GRANT_SOURCES or (e.type == "adjustment" and amount > 0):

@@ -58,18 +58,7 @@ class HoldMoves(Moves):
                 raise self._duplicate("hold", op.reference) from None
             raise
         grant_rows.insert_allocations(
-            self.conn,
-            [
-                {
-                    "user_id": op.user_id,
-                    "entry_id": None,
-                    "hold_id": hold.id,
-                    "position": position,
-                    "grant_id": grant.id,
-                    "amount_units": units,
-                }
-                for position, (grant, units) in enumerate(pins)
-            ],
+            self.conn, op.user_id, [(grant.id, units) for grant, units in pins], hold_id=hold.id
         )
         expiry = naive(hold.expires_at)
         if account.next_due_at is None or account.next_due_at > expiry:

@@ -180,18 +180,7 @@ class Moves:
                 raise self._duplicate(entry.type, entry.reference) from None
             raise
         grant_rows.insert_allocations(
-            self.conn,
-            [
-                {
-                    "user_id": user_id,
-                    "entry_id": entry.id,
-                    "hold_id": None,
-                    "position": position,
-                    "grant_id": grant.id,
-                    "amount_units": units,
-                }
-                for position, (grant, units) in enumerate(draws)
-            ],
+            self.conn, user_id, [(grant.id, units) for grant, units in draws], entry_id=entry.id
         )
         return entry
 

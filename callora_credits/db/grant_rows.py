@@ -148,8 +148,27 @@ _ALLOCATION_COLUMNS = [column.name for column in allocations.columns if column.n
 _INSERT_ALLOCATION = PreparedStatement(insert(allocations), column_keys=_ALLOCATION_COLUMNS)
 
 
-def insert_allocations(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert allocation rows (one statement)."""
+def insert_allocations(
+    conn: Connection,
+    user_id: str,
+    parts: Sequence[tuple[str, int]],
+    *,
+    entry_id: str | None = None,
+    hold_id: str | None = None,
+) -> None:
+    """Record what one entry drew from (or one hold pinned on) each grant:
+    ``parts`` is ``[(grant id, units), …]`` in order (one statement)."""
+    rows = [
+        {
+            "user_id": user_id,
+            "entry_id": entry_id,
+            "hold_id": hold_id,
+            "position": position,
+            "grant_id": grant_id,
+            "amount_units": units,
+        }
+        for position, (grant_id, units) in enumerate(parts)
+    ]
     if len(rows) == 1:
         _INSERT_ALLOCATION.rowcount(conn, rows[0])
     elif rows:
