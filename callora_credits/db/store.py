@@ -253,15 +253,16 @@ _P_DUE = bindparam("p_due", type_=Timestamp)
 _P_GRANTS = bindparam("p_grants", type_=accounts.c.last_grant_number.type)
 
 
-def _sooner_due() -> Any:
-    """The account's next due time, brought forward to ``p_due`` if sooner."""
+def _sooner_due(due: Any = _P_DUE) -> Any:
+    """The account's next due time, brought forward to ``due`` if sooner
+    (``due`` NULL: unchanged)."""
     return case(
         (
             and_(
-                _P_DUE.is_not(None),
-                or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at > _P_DUE),
+                due.is_not(None),
+                or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at > due),
             ),
-            _P_DUE,
+            due,
         ),
         else_=accounts.c.next_due_at,
     )
@@ -468,13 +469,7 @@ def schedule(
         .values(
             scheduled_units=accounts.c.scheduled_units + units,
             last_grant_number=accounts.c.last_grant_number + 1,
-            next_due_at=case(
-                (
-                    or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at > due),
-                    due,
-                ),
-                else_=accounts.c.next_due_at,
-            ),
+            next_due_at=_sooner_due(bindparam("p_due", due, type_=Timestamp)),
         )
     )
     if conn.execute(stmt).rowcount != 1:
