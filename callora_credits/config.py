@@ -36,6 +36,8 @@ DEFAULTS: Mapping[str, Any] = {
     "CREDITS_RATE_LIMITER": None,
     "CREDITS_METRICS": True,
     "CREDITS_METRICS_REGISTRY": None,
+    "CREDITS_PG_PREPARED_STATEMENTS": False,
+    "CREDITS_GALERA_CAUSAL_READS": False,
 }
 
 
@@ -87,6 +89,12 @@ class CreditsConfig:
         self.metrics = bool(get("CREDITS_METRICS"))
         #: The ``prometheus_client`` registry; ``None`` is its default ``REGISTRY``.
         self.metrics_registry: Any = get("CREDITS_METRICS_REGISTRY")
+        #: Let psycopg prepare server-side statements on PostgreSQL. Off by
+        #: default: a transaction pooler (PgBouncer) cannot keep them.
+        self.pg_prepared_statements = bool(get("CREDITS_PG_PREPARED_STATEMENTS"))
+        #: Make the library's own reads on a Galera node wait until the node
+        #: has applied every write committed anywhere in the cluster.
+        self.galera_causal_reads = bool(get("CREDITS_GALERA_CAUSAL_READS"))
 
 
 def _limit_string(key: str, value: Any) -> str | None:
