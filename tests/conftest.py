@@ -116,6 +116,22 @@ def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
     dbs.drop_all()
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(databases: Databases) -> Iterator[str]:
+    """A URL to the session's PostgreSQL database through a PgBouncer in
+    transaction pooling mode (started on first use, stopped at the end)."""
+    if "postgresql" not in ENGINES:
+        pytest.skip("PgBouncer runs in front of PostgreSQL: CREDITS_TEST_POSTGRES_URL is not set")
+    from pgbouncer import start_pgbouncer
+
+    url = databases.url("postgresql")
+    bouncer = start_pgbouncer(url)
+    try:
+        yield bouncer.url(url)
+    finally:
+        bouncer.stop()
+
+
 @pytest.fixture(params=ENGINES)
 def engine_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
