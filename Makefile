@@ -41,11 +41,14 @@ clean:
 # The long load-and-faults run of docs/reliability.md: minutes of mixed load per
 # engine through gunicorn, faults rotating (connections terminated, workers
 # SIGKILLed, the database unreachable), every invariant checked at the end.
+# STRESS_ENGINES: postgresql, mysql, pgbouncer (PostgreSQL through a PgBouncer
+# in transaction pooling mode), e.g. make stress STRESS_ENGINES=pgbouncer
+STRESS_ENGINES ?= postgresql mysql pgbouncer
 STRESS_ARGS ?= --seconds 180 --clients 3 --threads 3 --workers 4 --fault all --phase-seconds 20
 .PHONY: stress
 stress: $(STAMP)
 	@urls=$$($(PY) scripts/db_urls.py) || exit 1; eval "$$urls"; \
-	$(PY) -m stress.run --engine postgresql --engine mysql $(STRESS_ARGS)
+	$(PY) -m stress.run $(foreach engine,$(STRESS_ENGINES),--engine $(engine)) $(STRESS_ARGS)
 
 # Benchmarks against same-run baselines (PostgreSQL at 127.0.0.1:5432); not
 # part of `make test`. See docs/benchmarks.md.

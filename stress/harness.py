@@ -47,6 +47,7 @@ from callora_credits.db.models import (
 from .app import DEFAULT_JWT_SECRET, create_app
 from .client import ClientConfig, client_main
 from .faults import ConnectionKiller, FaultInjector, TcpProxy, WorkerKiller, child_pids
+from .pgbouncer import PgBouncer
 
 __all__ = [
     "FAULTS",
@@ -66,6 +67,13 @@ DEFAULT_SERVERS = {
     "mysql": "mysql+pymysql://root@127.0.0.1:3306/",
 }
 SERVER_ENV = {"postgresql": "CREDITS_TEST_POSTGRES_URL", "mysql": "CREDITS_TEST_MYSQL_URL"}
+#: Engines that run on another's server: the app reaches PostgreSQL through a
+#: PgBouncer in transaction pooling mode (stress/pgbouncer.py).
+THROUGH = {"pgbouncer": "postgresql"}
+ENGINES = (*SERVER_ENV, *THROUGH)
+#: Server connections of the bouncer per database and user: fewer than the
+#: app's connections, so transactions move between server connections.
+BOUNCER_POOL_SIZE = 4
 UNITS = 10_000_000
 
 # A 500 whose traceback ends in one of these was caused by an injected fault.
@@ -84,6 +92,7 @@ _FAULT_ERRORS = re.compile(
 
 def server_url(engine: str) -> URL:
     """The server to use for ``engine``: the test suite's variable or the default."""
+    engine = THROUGH.get(engine, engine)
     return make_url(os.environ.get(SERVER_ENV[engine]) or DEFAULT_SERVERS[engine])
 
 
@@ -102,7 +111,7 @@ def create_database(engine: str) -> str:
     admin = sa.create_engine(admin_url(server), poolclass=NullPool, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            if engine == "mysql":
+            if server.get_backend_name() == "mysql":
                 conn.exec_driver_sql(
                     f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
                 )
@@ -391,8 +400,8 @@ def _app_url(database_url: str, proxy: TcpProxy | None) -> str:
 
 def run(config: RunConfig) -> Report:
     """Run the load (and faults) of ``config``; return what was checked and found."""
-    if config.engine not in SERVER_ENV:
-        raise ValueError(f"engine must be one of {sorted(SERVER_ENV)}")
+    if config.engine not in ENGINES:
+        raise ValueError(f"engine must be one of {sorted(ENGINES)}")
     if config.fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}")
     started = time.monotonic()
@@ -407,18 +416,24 @@ def run(config: RunConfig) -> Report:
     own_database = config.database_url is None
     database_url = config.database_url or create_database(config.engine)
     proxy: TcpProxy | None = None
+    bouncer: PgBouncer | None = None
     server: Server | None = None
     killer: ConnectionKiller | None = None
     injector: FaultInjector | None = None
     processes: list[multiprocessing.process.BaseProcess] = []
     try:
+        parsed = make_url(database_url)
+        default_port = 3306 if parsed.get_backend_name() == "mysql" else 5432
+        upstream = (parsed.host or "127.0.0.1", parsed.port or default_port)
         if config.fault in ("outage", "all"):
-            parsed = make_url(database_url)
-            default_port = 5432 if config.engine == "postgresql" else 3306
-            proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or default_port)
+            proxy = TcpProxy(*upstream)
             proxy.start()
+            upstream = ("127.0.0.1", proxy.port)
+        if config.engine in THROUGH:
+            # The app -> PgBouncer -> (the outage proxy ->) PostgreSQL.
+            bouncer = PgBouncer(*upstream, pool_size=BOUNCER_POOL_SIZE).start()
         server = Server(
-            _app_url(database_url, proxy),
+            bouncer.url(database_url) if bouncer is not None else _app_url(database_url, proxy),
             workers=config.workers,
             threads=config.worker_threads,
             log_path=artifacts / "gunicorn.log",
@@ -514,6 +529,8 @@ def run(config: RunConfig) -> Report:
             server.stop()
         if killer is not None:
             killer.close()
+        if bouncer is not None:
+            bouncer.stop()
         if proxy is not None:
             proxy.stop()
         if own_database:

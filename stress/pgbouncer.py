@@ -121,6 +121,10 @@ class PgBouncer:
             # refuse, but libpq's environment (PGOPTIONS) might.
             "ignore_startup_parameters = extra_float_digits,options\n"
             "server_check_delay = 0\n"
+            # A server that went away (an outage, a restart) is tried again
+            # within a second, not after the default 15.
+            "server_login_retry = 1\n"
+            "server_connect_timeout = 5\n"
             "query_wait_timeout = 60\n"
             "log_connections = 0\n"
             "log_disconnections = 0\n"
