@@ -9,7 +9,8 @@ concurrently). Then ``stress.harness.verify`` holds the database to what the
 clients saw: balance == ledger, gapless ``seq``, a consistent
 ``balance_after`` chain, nothing negative, every answered success stored
 exactly once and as answered, every stored outcome byte for byte the answer,
-no key applied twice, ``Ledger.reconcile()`` clean.
+no key applied twice, ``Ledger.reconcile()`` clean. On PostgreSQL the same
+run goes through a PgBouncer in transaction pooling mode as well.
 
 The run gets a database of its own per engine for this module: the
 whole-database reconcile must see only the harness's rows (other tests insert
@@ -55,6 +56,25 @@ def server_engine(engine_name: str) -> str:
 def test_load_through_gunicorn_keeps_every_invariant(
     server_engine: str, stress_databases: FreshDatabases, tmp_path: Path
 ) -> None:
+    check_load(server_engine, stress_databases, tmp_path)
+
+
+def test_load_through_pgbouncer_keeps_every_invariant(
+    stress_databases: FreshDatabases, tmp_path: Path
+) -> None:
+    """The same, with the app on PostgreSQL through a PgBouncer in transaction
+    pooling mode (four server connections for every worker's pool)."""
+    from conftest import ENGINES
+    from pgbouncer import find_pgbouncer, skip_or_fail_without_pgbouncer
+
+    if "postgresql" not in ENGINES:
+        pytest.skip("PgBouncer runs in front of PostgreSQL: CREDITS_TEST_POSTGRES_URL is not set")
+    if find_pgbouncer() is None:
+        skip_or_fail_without_pgbouncer()
+    check_load("pgbouncer", stress_databases, tmp_path)
+
+
+def check_load(server_engine: str, stress_databases: FreshDatabases, tmp_path: Path) -> None:
     report = run(
         RunConfig(
             engine=server_engine,
