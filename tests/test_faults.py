@@ -11,6 +11,9 @@ the shared servers:
   runs between the app and the server (every connection reset, new ones
   refused), then back.
 
+The three also run in turn on PostgreSQL through a PgBouncer in transaction
+pooling mode, the outage proxy between the bouncer and the server.
+
 A last test provokes each transient error the retry loop handles for real on its engine
 (a deadlock, a serialization failure, a lock wait timeout, a terminated
 connection, SQLite's "database is locked") and shows the unit of work retries
@@ -132,6 +135,43 @@ def test_database_briefly_unreachable(
     assert report.fault_hits["outage"] > 0, summary  # live connections were cut
     seen = report.library_retries_logged["disconnect"] + sum(report.client_retries.values())
     assert seen > 0, summary
+
+
+def test_every_fault_through_pgbouncer(fault_databases: FreshDatabases, tmp_path: Path) -> None:
+    """PostgreSQL through a PgBouncer in transaction pooling mode (the outage
+    proxy between the bouncer and the server): the three faults in turn."""
+    from conftest import ENGINES
+    from pgbouncer import find_pgbouncer, skip_or_fail_without_pgbouncer
+
+    if "postgresql" not in ENGINES:
+        pytest.skip("PgBouncer runs in front of PostgreSQL: CREDITS_TEST_POSTGRES_URL is not set")
+    if find_pgbouncer() is None:
+        skip_or_fail_without_pgbouncer()
+    report = run(
+        RunConfig(
+            engine="pgbouncer",
+            fault="all",
+            # A quiet phase, then one of each fault.
+            seconds=17,
+            phase_seconds=4,
+            clients=2,
+            client_threads=3,
+            workers=3,
+            worker_threads=4,
+            cold_users=100,
+            request_timeout=REQUEST_TIMEOUT,
+            database_url=fault_databases.url("pgbouncer"),
+            artifacts=tmp_path,
+        )
+    )
+    summary = report.summary()
+    print(summary)
+    assert report.problems() == [], summary
+    assert report.timeouts == 0, summary
+    assert report.max_latency < REQUEST_TIMEOUT, summary
+    assert sum(report.ops.values()) >= 40, summary
+    for fault in ("connections", "workers", "outage"):
+        assert report.faults[fault] >= 1, summary
 
 
 # --- the retry loop against real driver errors -----------------------------------
