@@ -46,6 +46,13 @@ def _engines() -> list[str]:
 
 
 ENGINES = _engines()
+#: ``ENGINES`` and, with PostgreSQL, ``"pgbouncer"``: the session's PostgreSQL
+#: database through a PgBouncer in transaction pooling mode (the ``pgbouncer``
+#: fixture). A test opts in with ``through_pgbouncer_too``.
+ENGINES_AND_PGBOUNCER = [*ENGINES, "pgbouncer"] if "postgresql" in ENGINES else ENGINES
+through_pgbouncer_too = pytest.mark.parametrize(
+    "engine_name", ENGINES_AND_PGBOUNCER, indirect=True
+)
 
 
 def _server_url(name: str) -> str:
@@ -180,9 +187,22 @@ def app_config() -> dict[str, Any]:
     return {}
 
 
+def database_url(request: pytest.FixtureRequest, databases: Databases, engine_name: str) -> str:
+    """The session's database of ``engine_name`` (``"pgbouncer"``: PostgreSQL's,
+    through the bouncer)."""
+    if engine_name == "pgbouncer":
+        return str(request.getfixturevalue("pgbouncer"))
+    return databases.url(engine_name)
+
+
 @pytest.fixture
-def app(databases: Databases, engine_name: str, app_config: dict[str, Any]) -> Iterator[Flask]:
-    app = make_app(databases.url(engine_name), **app_config)
+def app(
+    request: pytest.FixtureRequest,
+    databases: Databases,
+    engine_name: str,
+    app_config: dict[str, Any],
+) -> Iterator[Flask]:
+    app = make_app(database_url(request, databases, engine_name), **app_config)
     yield app
     with app.app_context():
         app.extensions["sqlalchemy"].engine.dispose()
