@@ -299,6 +299,8 @@ class Report:
     violations: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     client_problems: list[str] = field(default_factory=list)
     server_errors: list[dict[str, Any]] = field(default_factory=list)
+    unavailable: int = 0
+    unavailable_final: list[dict[str, Any]] = field(default_factory=list)
     unexplained_500s: list[dict[str, Any]] = field(default_factory=list)
     timeouts: int = 0
     max_latency: float = 0.0
@@ -355,6 +357,8 @@ class Report:
             "client retries (same key): "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.client_retries.items())) or "none"),
             f"5xx answers (all retried): {len(self.server_errors)}",
+            f"503 SERVICE_UNAVAILABLE answers (allowed, retried): {self.unavailable}; "
+            f"requests left unavailable through every retry: {len(self.unavailable_final)}",
             "library retries (stats.counts of "
             f"{self.workers_reporting} exited workers): "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.library_retries.items())) or "none"),
@@ -544,6 +548,8 @@ def _read_clients(report: Report, artifacts: Path, clients: int) -> list[dict[st
         report.statuses.update(data["statuses"])
         report.client_retries.update(data["retries"])
         report.server_errors.extend(data["server_errors"])
+        report.unavailable += data["unavailable"]
+        report.unavailable_final.extend(data["unavailable_final"])
         report.timeouts += data["timeouts"]
         report.max_latency = max(report.max_latency, data["max_latency"])
         report.replays_checked += data["replays_checked"]
