@@ -156,8 +156,16 @@ class Server:
     """The stress host under gunicorn, in its own process group."""
 
     def __init__(
-        self, database_url: str, *, workers: int, threads: int, log_path: Path, secret: str
+        self,
+        database_url: str,
+        *,
+        workers: int,
+        threads: int,
+        log_path: Path,
+        secret: str,
+        db_retry_seconds: float | None = None,
     ) -> None:
+        self.db_retry_seconds = db_retry_seconds
         self.database_url = database_url
         self.workers = workers
         self.threads = threads
@@ -178,6 +186,8 @@ class Server:
             STRESS_JWT_SECRET=self.secret,
             STRESS_BIND="127.0.0.1:0",
         )
+        if self.db_retry_seconds is not None:
+            env["STRESS_DB_RETRY_SECONDS"] = str(self.db_retry_seconds)
         command = [
             sys.executable,
             "-m",
@@ -274,6 +284,9 @@ class RunConfig:
     request_timeout: float = 15.0
     phase_seconds: float = 15.0
     outage_seconds: float = 1.0
+    #: The app's CREDITS_DB_RETRY_SECONDS (None: the library's default, 5 s);
+    #: below the outage, requests during it end in 503 SERVICE_UNAVAILABLE.
+    db_retry_seconds: float | None = None
     run_cli_reconcile: bool = False
     artifacts: Path | None = None
 
@@ -427,6 +440,7 @@ def run(config: RunConfig) -> Report:
             threads=config.worker_threads,
             log_path=artifacts / "gunicorn.log",
             secret=DEFAULT_JWT_SECRET,
+            db_retry_seconds=config.db_retry_seconds,
         )
         mark = time.monotonic()
         server.start()
