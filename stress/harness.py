@@ -165,8 +165,16 @@ class Server:
     """The stress host under gunicorn, in its own process group."""
 
     def __init__(
-        self, database_url: str, *, workers: int, threads: int, log_path: Path, secret: str
+        self,
+        database_url: str,
+        *,
+        workers: int,
+        threads: int,
+        log_path: Path,
+        secret: str,
+        db_retry_seconds: float | None = None,
     ) -> None:
+        self.db_retry_seconds = db_retry_seconds
         self.database_url = database_url
         self.workers = workers
         self.threads = threads
@@ -187,6 +195,8 @@ class Server:
             STRESS_JWT_SECRET=self.secret,
             STRESS_BIND="127.0.0.1:0",
         )
+        if self.db_retry_seconds is not None:
+            env["STRESS_DB_RETRY_SECONDS"] = str(self.db_retry_seconds)
         command = [
             sys.executable,
             "-m",
@@ -283,6 +293,9 @@ class RunConfig:
     request_timeout: float = 15.0
     phase_seconds: float = 15.0
     outage_seconds: float = 1.0
+    #: The app's CREDITS_DB_RETRY_SECONDS (None: the library's default, 5 s);
+    #: below the outage, requests during it end in 503 SERVICE_UNAVAILABLE.
+    db_retry_seconds: float | None = None
     run_cli_reconcile: bool = False
     artifacts: Path | None = None
 
@@ -308,6 +321,8 @@ class Report:
     violations: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     client_problems: list[str] = field(default_factory=list)
     server_errors: list[dict[str, Any]] = field(default_factory=list)
+    unavailable: int = 0
+    unavailable_final: list[dict[str, Any]] = field(default_factory=list)
     unexplained_500s: list[dict[str, Any]] = field(default_factory=list)
     timeouts: int = 0
     max_latency: float = 0.0
@@ -364,6 +379,8 @@ class Report:
             "client retries (same key): "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.client_retries.items())) or "none"),
             f"5xx answers (all retried): {len(self.server_errors)}",
+            f"503 SERVICE_UNAVAILABLE answers (allowed, retried): {self.unavailable}; "
+            f"requests left unavailable through every retry: {len(self.unavailable_final)}",
             "library retries (stats.counts of "
             f"{self.workers_reporting} exited workers): "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.library_retries.items())) or "none"),
@@ -438,6 +455,7 @@ def run(config: RunConfig) -> Report:
             threads=config.worker_threads,
             log_path=artifacts / "gunicorn.log",
             secret=DEFAULT_JWT_SECRET,
+            db_retry_seconds=config.db_retry_seconds,
         )
         mark = time.monotonic()
         server.start()
@@ -561,6 +579,8 @@ def _read_clients(report: Report, artifacts: Path, clients: int) -> list[dict[st
         report.statuses.update(data["statuses"])
         report.client_retries.update(data["retries"])
         report.server_errors.extend(data["server_errors"])
+        report.unavailable += data["unavailable"]
+        report.unavailable_final.extend(data["unavailable_final"])
         report.timeouts += data["timeouts"]
         report.max_latency = max(report.max_latency, data["max_latency"])
         report.replays_checked += data["replays_checked"]
