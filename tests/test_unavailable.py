@@ -124,6 +124,10 @@ CLASSIFIED = {
         pg_error("57P01", "terminating connection due to administrator command"),
         "disconnect",
     ),
+    "pgbouncer cannot reach the server": (
+        pg_error("08P01", "server login has been failing, try again later (server_login_retry)"),
+        "unavailable",
+    ),
     "sqlite locked": (
         sa.exc.OperationalError("BEGIN IMMEDIATE", None, Exception("database is locked")),
         "locked",
@@ -137,6 +141,7 @@ NOT_TRANSIENT = {
     ),
     "duplicate key": mysql_error(1062, "Duplicate entry 'x' for key 'PRIMARY'", "INSERT"),
     "no such table": mysql_error(1146, "Table 'test.credits' doesn't exist", "SELECT"),
+    "pg protocol violation": pg_error("08P01", "invalid message format"),
     "pg unique violation": pg_error("23505", "duplicate key value violates unique constraint"),
     "pg syntax": pg_error("42601", "syntax error at or near"),
     "sqlite no such table": sa.exc.OperationalError(

@@ -133,6 +133,9 @@ def _retry_reason(exc: BaseException) -> str | None:
     state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     if isinstance(state, str) and state in _PG_REASONS:
         return _PG_REASONS[state]
+    if state == "08P01" and "server login has been failing" in text:
+        # PgBouncer in front of a server it cannot reach (server_login_retry).
+        return "unavailable"
     if "database is locked" in text or "database table is locked" in text:
         return "locked"
     return None
