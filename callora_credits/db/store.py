@@ -426,20 +426,23 @@ def settle_account(
     last_seq: int,
     scheduled_units: int,
     next_due_at: datetime | None,
+    held_units: int | None,
     now: datetime,
 ) -> None:
-    """Write an account's figures after its due events (under its lock)."""
-    conn.execute(
-        update(accounts)
-        .where(accounts.c.user_id == user_id)
-        .values(
-            balance_units=balance_units,
-            last_seq=last_seq,
-            scheduled_units=scheduled_units,
-            next_due_at=next_due_at,
-            updated_at=now,
-        )
-    )
+    """Write an account's figures after its due events (under its lock).
+
+    ``held_units`` ``None``: the schema predates the held total (a
+    migration's downgrade settles through here)."""
+    values: dict[str, Any] = {
+        "balance_units": balance_units,
+        "last_seq": last_seq,
+        "scheduled_units": scheduled_units,
+        "next_due_at": next_due_at,
+        "updated_at": now,
+    }
+    if held_units is not None:
+        values["held_units"] = held_units
+    conn.execute(update(accounts).where(accounts.c.user_id == user_id).values(**values))
 
 
 def bring_due_forward(conn: Connection, user_id: str, due: datetime) -> None:
