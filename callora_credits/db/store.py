@@ -127,7 +127,7 @@ _BALANCE_ROW = PreparedStatement(
         accounts.c.created_at,
         accounts.c.updated_at,
         accounts.c.next_due_at,
-        _grant_sum(_grants.c.held_units).label("held_units"),
+        accounts.c.held_units,
         _grant_sum(
             _grants.c.remaining_units + _grants.c.held_units,
             _grants.c.category == "paid",
@@ -150,8 +150,10 @@ _BALANCE_ROW = PreparedStatement(
 
 
 def balance_row(conn: Connection, user_id: str) -> Any:
-    """The account with its grants' figures as written, in one statement;
-    ``None`` if absent. Exact at ``now`` while ``next_due_at`` is later."""
+    """The account (its held total included) with its grants' figures as
+    written, in one statement; ``None`` if absent. Exact at ``now`` while
+    ``next_due_at`` is later: until then no pending hold has expired, so the
+    held total is what the live holds reserve."""
     return _BALANCE_ROW.first(conn, {"p_user_id": user_id})
 
 
