@@ -30,7 +30,7 @@ docs: $(STAMP)
 # server that answers (under CI=true, one that does not is a failure).
 test: $(STAMP) lint typecheck docs
 	@urls=$$($(PY) scripts/db_urls.py) || exit 1; eval "$$urls"; \
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

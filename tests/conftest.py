@@ -295,3 +295,34 @@ def redis_prefix() -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def galera() -> Iterator[Any]:
+    """A three-node MariaDB Galera cluster with a migrated database (see
+    ``tests/galera.py``), started once, for the tests that ask for it.
+
+    Skipped when this machine cannot run one, except under ``CI=true``.
+    Tests using it carry ``pytest.mark.xdist_group("galera")`` so that one
+    worker runs them all against one cluster.
+    """
+    from galera import GaleraCluster, prerequisites
+
+    missing = prerequisites()
+    if missing is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the Galera cluster cannot run: {missing}")
+        pytest.skip(f"no Galera cluster: {missing}")
+    cluster = GaleraCluster()
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture
+def node_apps(galera: Any) -> Iterator[list[Flask]]:
+    """One host app bound to each Galera node (disposed after the test)."""
+    apps = [make_app(url) for url in galera.urls()]
+    yield apps
+    for app in apps:
+        with app.app_context():
+            app.extensions["sqlalchemy"].engine.dispose()
