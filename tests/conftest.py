@@ -326,3 +326,12 @@ def node_apps(galera: Any) -> Iterator[list[Flask]]:
     for app in apps:
         with app.app_context():
             app.extensions["sqlalchemy"].engine.dispose()
+
+
+@pytest.fixture
+def node_engines(galera: Any) -> Iterator[list[sa.Engine]]:
+    """A plain engine per Galera node, for the independent checks."""
+    engines = [sa.create_engine(url, pool_pre_ping=True) for url in galera.urls()]
+    yield engines
+    for engine in engines:
+        engine.dispose()

@@ -20,6 +20,7 @@ skips on it, except under ``CI=true``, where it fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -124,11 +125,20 @@ class GaleraCluster:
         self.user = "mysql" if os.geteuid() == 0 else None
         ports = free_ports(4 * size)
         self.nodes = [
-            Node(i, self.base / f"node{i + 1}", *ports[4 * i : 4 * i + 4]) for i in range(size)
+            Node(
+                i,
+                self.base / f"node{i + 1}",
+                port=ports[4 * i],
+                gcomm_port=ports[4 * i + 1],
+                ist_port=ports[4 * i + 2],
+                sst_port=ports[4 * i + 3],
+            )
+            for i in range(size)
         ]
         for node in self.nodes:
             node.log = self.base / f"{node.name}.err"
         self.database = DATABASE
+        self._sync_conns: dict[int, pymysql.Connection[Any]] = {}
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -230,6 +240,10 @@ class GaleraCluster:
 
     def stop(self) -> None:
         """Kill every node and remove the directory."""
+        for conn in self._sync_conns.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._sync_conns.clear()
         for node in self.nodes:
             if node.alive:
                 assert node.process is not None
@@ -257,6 +271,10 @@ class GaleraCluster:
             return
         os.kill(node.process.pid, signal.SIGKILL)
         node.process.wait(timeout=30)
+        stale = self._sync_conns.pop(index, None)
+        if stale is not None:
+            with contextlib.suppress(Exception):
+                stale.close()
 
     def restart(self, index: int, timeout: float = 120.0) -> None:
         """Start a killed node again; it rejoins the cluster (IST when it can)."""
@@ -282,13 +300,7 @@ class GaleraCluster:
         """Run statements on node ``index`` over one plain PyMySQL connection
         (SQLAlchemy's first-connect queries fail on a non-primary node); the
         last one's rows."""
-        conn = pymysql.connect(
-            host="127.0.0.1",
-            port=self.nodes[index].port,
-            user="root",
-            connect_timeout=5,
-            autocommit=True,
-        )
+        conn = self._connect(index)
         try:
             with conn.cursor() as cursor:
                 for statement in statements:
@@ -298,15 +310,31 @@ class GaleraCluster:
             conn.close()
 
     def catch_up(self) -> None:
-        """Wait until every live, primary node has applied every write committed
-        anywhere before this call (a read with ``wsrep_sync_wait`` on each)."""
+        """Wait until every live node has applied every write committed anywhere
+        before this call (a read with ``wsrep_sync_wait`` on each)."""
         for node in self.nodes:
-            if node.alive:
-                self.sql(
-                    node.index,
-                    "SET SESSION wsrep_sync_wait=1",
-                    f"SELECT COUNT(*) FROM {self.database}.credits_idempotency WHERE 1=0",
-                )
+            if not node.alive:
+                continue
+            conn = self._sync_conns.get(node.index)
+            try:
+                if conn is None:
+                    conn = self._sync_conns[node.index] = self._connect(node.index)
+                    with conn.cursor() as cursor:
+                        cursor.execute("SET SESSION wsrep_sync_wait=1")
+                with conn.cursor() as cursor:
+                    cursor.execute(f"SELECT 1 FROM {self.database}.credits_idempotency LIMIT 0")
+            except pymysql.MySQLError:
+                self._sync_conns.pop(node.index, None)
+                raise
+
+    def _connect(self, index: int) -> pymysql.Connection[Any]:
+        return pymysql.connect(
+            host="127.0.0.1",
+            port=self.nodes[index].port,
+            user="root",
+            connect_timeout=5,
+            autocommit=True,
+        )
 
     def status(self, index: int) -> dict[str, str]:
         """Node ``index``'s ``wsrep_%`` status variables (empty if it does not answer)."""
