@@ -41,11 +41,18 @@ clean:
 # The long load-and-faults run of docs/reliability.md: minutes of mixed load per
 # engine through gunicorn, faults rotating (connections terminated, workers
 # SIGKILLed, the database unreachable), every invariant checked at the end.
+# On the three-node Galera cluster: make stress-galera (or
+# make stress STRESS_ENGINES="--engine galera"); the faults there are
+# connections killed, a node SIGKILLed and restarted, a node isolated.
 STRESS_ARGS ?= --seconds 180 --clients 3 --threads 3 --workers 4 --fault all --phase-seconds 20
-.PHONY: stress
+STRESS_ENGINES ?= --engine postgresql --engine mysql
+.PHONY: stress stress-galera
 stress: $(STAMP)
 	@urls=$$($(PY) scripts/db_urls.py) || exit 1; eval "$$urls"; \
-	$(PY) -m stress.run --engine postgresql --engine mysql $(STRESS_ARGS)
+	$(PY) -m stress.run $(STRESS_ENGINES) $(STRESS_ARGS)
+
+stress-galera: $(STAMP)
+	$(PY) -m stress.run --engine galera $(STRESS_ARGS)
 
 # Benchmarks against same-run baselines (PostgreSQL at 127.0.0.1:5432); not
 # part of `make test`. See docs/benchmarks.md.
