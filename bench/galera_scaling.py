@@ -13,7 +13,9 @@ one node):
 - one hot account, one node / three nodes: every client charges one account.
 
 Prints each row's charges per second, the retries the library made (a
-certification failure is a retried deadlock), and any errors, then the
+certification failure is a retried deadlock), any errors (retries
+exhausted), the nodes' certification failures and brute-force aborts (a
+local transaction aborted because a replicated one needed its locks), then the
 three-node/one-node ratios. Not part of ``make test``; not a goal of
 docs/benchmarks.md: the figures say how the cluster behaves on this machine.
 """
@@ -60,8 +62,23 @@ def _client(url: str, user_id: str, seconds: float, start_at: float, queue: Any)
     queue.put((done, errors, retries))
 
 
-def row(urls: list[str], users: list[str], seconds: float) -> dict[str, Any]:
+#: Counters summed over the nodes: commits refused by certification, and local
+#: transactions aborted for a replicated one ("brute force").
+COUNTERS = ("wsrep_local_cert_failures", "wsrep_local_bf_aborts")
+
+
+def counters(cluster: Any) -> dict[str, int]:
+    totals = dict.fromkeys(COUNTERS, 0)
+    for index in range(len(cluster.nodes)):
+        status = cluster.status(index)
+        for name in COUNTERS:
+            totals[name] += int(status.get(name, 0))
+    return totals
+
+
+def row(cluster: Any, urls: list[str], users: list[str], seconds: float) -> dict[str, Any]:
     """Clients ``i`` charge ``users[i]`` through ``urls[i]``, together."""
+    before = counters(cluster)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     start_at = time.time() + 4.0  # spawned clients import and connect first
@@ -79,7 +96,10 @@ def row(urls: list[str], users: list[str], seconds: float) -> dict[str, Any]:
     for r in results:
         for reason, count in r[2].items():
             reasons[reason] = reasons.get(reason, 0) + count
+    after = counters(cluster)
     return {
+        "cert_failures": after[COUNTERS[0]] - before[COUNTERS[0]],
+        "bf_aborts": after[COUNTERS[1]] - before[COUNTERS[1]],
         "per_second": done / seconds,
         "charges": done,
         "errors": sum(r[1] for r in results),
@@ -117,17 +137,20 @@ def main() -> int:
         n = args.clients
         spread = [urls[i % 3] for i in range(n)]
         rows = {
-            "own accounts, one node": row([urls[0]] * n, own, args.seconds),
-            "own accounts, three nodes": row(spread, own, args.seconds),
-            "one hot account, one node": row([urls[0]] * n, [hot] * n, args.seconds),
-            "one hot account, three nodes": row(spread, [hot] * n, args.seconds),
+            "own accounts, one node": row(cluster, [urls[0]] * n, own, args.seconds),
+            "own accounts, three nodes": row(cluster, spread, own, args.seconds),
+            "one hot account, one node": row(cluster, [urls[0]] * n, [hot] * n, args.seconds),
+            "one hot account, three nodes": row(cluster, spread, [hot] * n, args.seconds),
         }
     print(f"Galera, {n} client processes, {args.seconds:.0f} s per row, Ledger.charge")
-    print(f"{'row':32} {'charges/s':>10} {'charges':>8} {'retries':>8} {'errors':>7}")
+    print(
+        f"{'row':30} {'charges/s':>9} {'charges':>7} {'retries':>7} {'errors':>6} "
+        f"{'cert fail':>9} {'bf abort':>8}"
+    )
     for name, r in rows.items():
         print(
-            f"{name:32} {r['per_second']:10.0f} {r['charges']:8.0f} "
-            f"{r['retries']:8.0f} {r['errors']:7.0f}  {r['reasons'] or ''}"
+            f"{name:30} {r['per_second']:9.0f} {r['charges']:7d} {r['retries']:7d} "
+            f"{r['errors']:6d} {r['cert_failures']:9d} {r['bf_aborts']:8d}"
         )
     for kind in ("own accounts", "one hot account"):
         one, three = rows[f"{kind}, one node"], rows[f"{kind}, three nodes"]
