@@ -41,15 +41,16 @@ clean:
 # The long load-and-faults run of docs/reliability.md: minutes of mixed load per
 # engine through gunicorn, faults rotating (connections terminated, workers
 # SIGKILLed, the database unreachable), every invariant checked at the end.
-# On the three-node Galera cluster: make stress-galera (or
-# make stress STRESS_ENGINES="--engine galera"); the faults there are
-# connections killed, a node SIGKILLed and restarted, a node isolated.
+# STRESS_ENGINES: postgresql, mysql, pgbouncer (PostgreSQL through a PgBouncer
+# in transaction pooling mode), galera (a three-node MariaDB Galera cluster of
+# its own; faults: connections killed, a node SIGKILLed and restarted, a node
+# isolated), e.g. make stress STRESS_ENGINES=pgbouncer, or make stress-galera
+STRESS_ENGINES ?= postgresql mysql pgbouncer
 STRESS_ARGS ?= --seconds 180 --clients 3 --threads 3 --workers 4 --fault all --phase-seconds 20
-STRESS_ENGINES ?= --engine postgresql --engine mysql
 .PHONY: stress stress-galera
 stress: $(STAMP)
 	@urls=$$($(PY) scripts/db_urls.py) || exit 1; eval "$$urls"; \
-	$(PY) -m stress.run $(STRESS_ENGINES) $(STRESS_ARGS)
+	$(PY) -m stress.run $(foreach engine,$(STRESS_ENGINES),--engine $(engine)) $(STRESS_ARGS)
 
 stress-galera: $(STAMP)
 	$(PY) -m stress.run --engine galera $(STRESS_ARGS)

@@ -3,8 +3,10 @@
 The statements below are copied from what ``callora_credits/db/store.py`` and
 ``callora_credits/db/grant_rows.py`` emit on PostgreSQL through SQLAlchemy's
 psycopg 3 dialect (same text, same casts, same named parameters), so the
-database does the same work for both sides and psycopg's automatic
-server-side prepare treats them alike. Each operation runs in its own
+database does the same work for both sides. Neither side prepares
+statements on the server: the library's connections have psycopg's
+``prepare_threshold`` set to ``None`` (unless ``CREDITS_PG_PREPARED_STATEMENTS``
+is on), and so have the baseline's. Each operation runs in its own
 transaction on a plain psycopg 3 connection: no ORM, no SQLAlchemy, no
 ``callora_credits`` import.
 
@@ -267,8 +269,11 @@ def fingerprint(payload: dict[str, Any]) -> str:
 
 
 def connect(dsn: str) -> psycopg.Connection[Any]:
-    """A plain psycopg 3 connection (transactions opened implicitly, as SQLAlchemy's)."""
-    return psycopg.connect(dsn, autocommit=False)
+    """A plain psycopg 3 connection (transactions opened implicitly, as SQLAlchemy's)
+    that never prepares statements on the server, as the library's."""
+    conn = psycopg.connect(dsn, autocommit=False)
+    conn.prepare_threshold = None
+    return conn
 
 
 def read_balance_row(conn: psycopg.Connection[Any], user_id: str) -> tuple[Any, ...]:

@@ -22,7 +22,7 @@ from . import migrate
 from .config import config
 from .core.money import AmountError, format_units, parse_amount
 from .core.usage import Granularity
-from .errors import CreditsError
+from .errors import CreditsError, ServiceUnavailable
 from .extension import EXTENSION_KEY, current_ledger, engine_for
 from .http.blueprint import credits_bp
 
@@ -82,7 +82,31 @@ class CreditsGroup(AppGroup):
                 "callora_credits is not set up on this app: call "
                 'app.register_blueprint(credits_bp, url_prefix="/api/billing") in it.'
             )
-        return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except ServiceUnavailable as exc:
+            raise _refused(exc) from None
+
+
+#: ``EX_TEMPFAIL`` (sysexits.h): a temporary failure, worth running again.
+EXIT_TEMPFAIL = 75
+
+
+class _TemporaryFailure(click.ClickException):
+    """One ``Error:`` line and exit status 75: run the same command again later."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+def _refused(exc: Exception) -> click.ClickException:
+    """What a command answers when the ledger refuses it: exit status 75 if
+    the database is unavailable (a retry may succeed), else 1."""
+    if isinstance(exc, ServiceUnavailable):
+        return _TemporaryFailure(
+            f"the database is unavailable ({exc.reason}) after the retries; run the "
+            "command again later."
+        )
+    return click.ClickException(str(exc))
 
 
 def _load_app(ctx: click.Context) -> Flask:
@@ -194,7 +218,7 @@ def topup(user_id: str, amount: str, reference: str | None, description: str | N
             user_id, units, reference=reference, description=description, actor_id="cli"
         )
     except (AmountError, CreditsError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refused(exc) from None
     click.echo(
         f"{entry.id} seq {entry.seq}: +{format_units(entry.amount_units)} -> "
         f"{format_units(entry.balance_after_units)}"
@@ -241,6 +265,8 @@ def usage(
     then when the available balance runs out at the last 7 days' pace."""
     try:
         summary = current_ledger().usage(user_id, since, until, granularity)
+    except ServiceUnavailable as exc:
+        raise _refused(exc) from None
     except CreditsError as exc:
         details = "; ".join(f"{d.get('field')}: {d.get('message')}" for d in exc.details)
         raise click.ClickException(details or str(exc)) from None
@@ -301,7 +327,7 @@ def grants(user_id: str, status: str | None, limit: int) -> None:
     try:
         page = current_ledger().grants(user_id, status=status, limit=limit)
     except CreditsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _refused(exc) from None
     if not page.items:
         which = {None: "active or scheduled ", "all": ""}.get(status, f"{status} ")
         click.echo(f"{user_id}: no {which}grants")

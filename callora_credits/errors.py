@@ -30,6 +30,7 @@ __all__ = [
     "PayloadTooLarge",
     "RateLimited",
     "RefundExceedsCharge",
+    "ServiceUnavailable",
     "Unauthorized",
     "ValidationError",
     "error_for_code",
@@ -149,6 +150,40 @@ class RateLimited(CreditsError):
 
     code = "RATE_LIMITED"
     default_message = "Too many requests; retry after the time in Retry-After"
+
+
+class ServiceUnavailable(CreditsError):
+    """The database could not answer in time: unreachable, not accepting writes
+    (a Galera node outside the primary component), or a transient failure
+    (deadlock, certification failure, lock wait timeout) that outlasted the
+    bounded retries.
+
+    Never stored under an idempotency key: the same request may be sent again,
+    with the same key, after ``retry_after`` seconds. Nothing was applied,
+    unless the connection was lost during ``COMMIT``, when it may have been
+    applied once; the retry then replays it. ``reason`` names the last
+    transient failure (``deadlock``, ``lock_timeout``, ``unavailable``,
+    ``connect``, ``disconnect``…), for logs and operators; it is not sent to
+    clients.
+    """
+
+    code = "SERVICE_UNAVAILABLE"
+    default_message = (
+        "The service is temporarily unavailable; retry the same request, with the same "
+        "Idempotency-Key, after the time in Retry-After"
+    )
+
+    def __init__(
+        self,
+        message: str | None = None,
+        details: list[Detail] | None = None,
+        *,
+        reason: str = "unavailable",
+        retry_after: int = 1,
+    ) -> None:
+        super().__init__(message, details)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class IdempotencyConflict(CreditsError):

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from .config import CreditsConfig, config
 from .core.clock import Clock, utcnow
 from .core.ledger import Ledger
+from .db.connections import configure_engine
 from .db.unit_of_work import RetryStats
 
 if TYPE_CHECKING:
@@ -111,10 +112,13 @@ def engine_for(cfg: CreditsConfig) -> Engine:
 
 
 def check_engine(app: App, cfg: CreditsConfig) -> None:
-    """Raise at registration, with the fix, when :func:`engine_for` would fail."""
+    """Raise at registration, with the fix, when :func:`engine_for` would fail;
+    otherwise set up the engine's connections for the library
+    (:func:`~callora_credits.db.connections.configure_engine`)."""
     # A blueprint's setup state types the app as Flask's sans-io base.
     with cast(Flask, app).app_context():
-        engine_for(cfg)
+        engine = engine_for(cfg)
+    configure_engine(engine, prepared_statements=cfg.pg_prepared_statements)
 
 
 def _no_such_bind(bind_key: str | None, engines: Mapping[str | None, Engine]) -> str:

@@ -95,6 +95,8 @@ def create_app(database_url: str | None = None) -> Flask:
         SQLALCHEMY_ENGINE_OPTIONS=engine_options(url),
         JWT_SECRET_KEY=os.environ.get("STRESS_JWT_SECRET", DEFAULT_JWT_SECRET),
     )
+    if os.environ.get("STRESS_DB_RETRY_SECONDS"):
+        app.config["CREDITS_DB_RETRY_SECONDS"] = float(os.environ["STRESS_DB_RETRY_SECONDS"])
     db = SQLAlchemy()
     db.init_app(app)
     JWTManager(app)

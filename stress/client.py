@@ -9,6 +9,10 @@ first answer and some concurrently from a second connection.
 
 A connection error, a timeout, a 5xx or a 409 ``IDEMPOTENCY_IN_PROGRESS`` is
 retried with the same key and body, a bounded number of times with backoff.
+A 503 ``SERVICE_UNAVAILABLE`` (the database could not answer in time) is an
+allowed answer, not a server error: retried the same way, after its
+``Retry-After``; a request that gets nothing else through every retry is
+recorded as unanswered (applied at most once), not as a problem.
 Every logical request is recorded (key, body sent, final status and body,
 whether the server ran it or replayed it) in a JSON file the harness checks
 against the database.
@@ -131,6 +135,16 @@ class Reply:
         return data.get("code") if isinstance(data, dict) else None
 
 
+def _service_unavailable(reply: Reply) -> bool:
+    """A 503 as the library answers it: ``SERVICE_UNAVAILABLE`` with
+    ``Retry-After: 1``. Any other 5xx is a server error to explain."""
+    return (
+        reply.status == 503
+        and reply.code == "SERVICE_UNAVAILABLE"
+        and reply.headers.get("retry-after") == "1"
+    )
+
+
 class Http:
     """One keep-alive connection; reconnects after any transport error."""
 
@@ -168,6 +182,10 @@ class Outcome:
     reply: Reply | None
     attempts: int
     last_error: str | None = None
+    #: No answer but 503 SERVICE_UNAVAILABLE through every retry: allowed
+    #: (the database could not answer in time), and not applied, unless the
+    #: connection was lost during COMMIT (so checked as "at most once").
+    unavailable: bool = False
 
 
 @dataclass
@@ -180,6 +198,8 @@ class Recorder:
     statuses: Counter[str] = field(default_factory=Counter)
     retries: Counter[str] = field(default_factory=Counter)
     server_errors: list[dict[str, Any]] = field(default_factory=list)
+    unavailable: int = 0
+    unavailable_final: list[dict[str, Any]] = field(default_factory=list)
     unresolved: list[dict[str, Any]] = field(default_factory=list)
     unexpected: list[dict[str, Any]] = field(default_factory=list)
     anomalies: list[str] = field(default_factory=list)
@@ -197,6 +217,8 @@ class Recorder:
                 "statuses": dict(self.statuses),
                 "retries": dict(self.retries),
                 "server_errors": self.server_errors,
+                "unavailable": self.unavailable,
+                "unavailable_final": self.unavailable_final,
                 "unresolved": self.unresolved,
                 "unexpected": self.unexpected,
                 "anomalies": self.anomalies,
@@ -243,10 +265,13 @@ class Worker:
         """Send, retrying transient failures with the same key and body."""
         started = time.monotonic()
         last_error = None
+        unavailable = False
         attempt = 0
         while attempt < self.cfg.max_attempts:
             attempt += 1
             sent = time.monotonic()
+            wait = 0.0
+            unavailable = False
             try:
                 reply = http.send(method, path, body, headers)
             except TransportError as exc:
@@ -259,7 +284,15 @@ class Worker:
                 elapsed = time.monotonic() - sent
                 with self.recorder.lock:
                     self.recorder.max_latency = max(self.recorder.max_latency, elapsed)
-                if reply.status >= 500:
+                if _service_unavailable(reply):
+                    # Allowed: retried with the same key after Retry-After.
+                    with self.recorder.lock:
+                        self.recorder.retries["service_unavailable"] += 1
+                        self.recorder.unavailable += 1
+                    last_error = "503 SERVICE_UNAVAILABLE"
+                    unavailable = True
+                    wait = float(reply.headers["retry-after"])
+                elif reply.status >= 500:
                     with self.recorder.lock:
                         self.recorder.retries[f"http_{reply.status}"] += 1
                         self.recorder.server_errors.append(
@@ -285,8 +318,8 @@ class Worker:
             if time.monotonic() - started > self.cfg.retry_budget_seconds:
                 break
             pause = min(1.0, 0.05 * 2 ** (attempt - 1))
-            time.sleep(pause * (0.5 + self.rng.random()))
-        return Outcome(None, attempt, last_error)
+            time.sleep(max(wait, pause * (0.5 + self.rng.random())))
+        return Outcome(None, attempt, last_error, unavailable)
 
     def _headers(self, auth: str, key: str | None) -> dict[str, str]:
         headers = {"Authorization": auth, "Content-Type": "application/json"}
@@ -354,11 +387,13 @@ class Worker:
         with self.recorder.lock:
             self.recorder.ops[op] += 1
             self.recorder.requests.append(record)
-            if len(replies) < len(outcomes):
-                failed = next(o for o in outcomes if o.reply is None)
-                self.recorder.unresolved.append(
-                    {"op": op, "key": key, "last_error": failed.last_error}
-                )
+            for failed in (o for o in outcomes if o.reply is None):
+                item = {"op": op, "key": key, "last_error": failed.last_error}
+                if failed.unavailable:
+                    self.recorder.unavailable_final.append(item)
+                else:
+                    self.recorder.unresolved.append(item)
+                    break
             if not replies:
                 return None
             final = replies[0]
@@ -411,9 +446,11 @@ class Worker:
             self.recorder.ops["balance"] += 1
             self.recorder.balance_reads += 1
             if out.reply is None:
-                self.recorder.unresolved.append(
-                    {"op": "balance", "key": None, "last_error": out.last_error}
-                )
+                item = {"op": "balance", "key": None, "last_error": out.last_error}
+                if out.unavailable:
+                    self.recorder.unavailable_final.append(item)
+                else:
+                    self.recorder.unresolved.append(item)
                 return
             self.recorder.statuses[f"balance {out.reply.status}"] += 1
             if out.reply.status != 200:

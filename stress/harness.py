@@ -47,6 +47,7 @@ from callora_credits.db.models import (
 from .app import DEFAULT_JWT_SECRET, create_app
 from .client import ClientConfig, client_main
 from .faults import ConnectionKiller, FaultInjector, TcpProxy, WorkerKiller, child_pids
+from .pgbouncer import PgBouncer
 
 __all__ = [
     "FAULTS",
@@ -61,14 +62,20 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = ("none", "connections", "workers", "outage", "nodes", "isolate", "all")
-#: The faults of ``--fault all`` on the Galera cluster: connections killed on
-#: every node, a node SIGKILLed and restarted, a node cut off the group.
-GALERA_FAULTS = ("connections", "nodes", "isolate")
 DEFAULT_SERVERS = {
     "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
     "mysql": "mysql+pymysql://root@127.0.0.1:3306/",
 }
 SERVER_ENV = {"postgresql": "CREDITS_TEST_POSTGRES_URL", "mysql": "CREDITS_TEST_MYSQL_URL"}
+#: Engines that run on another's server: the app reaches PostgreSQL through a
+#: PgBouncer in transaction pooling mode (stress/pgbouncer.py).
+THROUGH = {"pgbouncer": "postgresql"}
+#: A three-node Galera cluster of its own (``tests/galera.py``), a host per node.
+GALERA = "galera"
+ENGINES = (*SERVER_ENV, *THROUGH, GALERA)
+#: Server connections of the bouncer per database and user: fewer than the
+#: app's connections, so transactions move between server connections.
+BOUNCER_POOL_SIZE = 4
 UNITS = 10_000_000
 
 # A 500 whose traceback ends in one of these was caused by an injected fault.
@@ -87,6 +94,7 @@ _FAULT_ERRORS = re.compile(
 
 def server_url(engine: str) -> URL:
     """The server to use for ``engine``: the test suite's variable or the default."""
+    engine = THROUGH.get(engine, engine)
     return make_url(os.environ.get(SERVER_ENV[engine]) or DEFAULT_SERVERS[engine])
 
 
@@ -105,7 +113,7 @@ def create_database(engine: str) -> str:
     admin = sa.create_engine(admin_url(server), poolclass=NullPool, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            if engine == "mysql":
+            if server.get_backend_name() == "mysql":
                 conn.exec_driver_sql(
                     f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
                 )
@@ -159,8 +167,16 @@ class Server:
     """The stress host under gunicorn, in its own process group."""
 
     def __init__(
-        self, database_url: str, *, workers: int, threads: int, log_path: Path, secret: str
+        self,
+        database_url: str,
+        *,
+        workers: int,
+        threads: int,
+        log_path: Path,
+        secret: str,
+        db_retry_seconds: float | None = None,
     ) -> None:
+        self.db_retry_seconds = db_retry_seconds
         self.database_url = database_url
         self.workers = workers
         self.threads = threads
@@ -181,6 +197,8 @@ class Server:
             STRESS_JWT_SECRET=self.secret,
             STRESS_BIND="127.0.0.1:0",
         )
+        if self.db_retry_seconds is not None:
+            env["STRESS_DB_RETRY_SECONDS"] = str(self.db_retry_seconds)
         command = [
             sys.executable,
             "-m",
@@ -277,6 +295,9 @@ class RunConfig:
     request_timeout: float = 15.0
     phase_seconds: float = 15.0
     outage_seconds: float = 1.0
+    #: The app's CREDITS_DB_RETRY_SECONDS (None: the library's default, 5 s);
+    #: below the outage, requests during it end in 503 SERVICE_UNAVAILABLE.
+    db_retry_seconds: float | None = None
     run_cli_reconcile: bool = False
     artifacts: Path | None = None
 
@@ -302,6 +323,8 @@ class Report:
     violations: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     client_problems: list[str] = field(default_factory=list)
     server_errors: list[dict[str, Any]] = field(default_factory=list)
+    unavailable: int = 0
+    unavailable_final: list[dict[str, Any]] = field(default_factory=list)
     unexplained_500s: list[dict[str, Any]] = field(default_factory=list)
     timeouts: int = 0
     max_latency: float = 0.0
@@ -358,6 +381,8 @@ class Report:
             "client retries (same key): "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.client_retries.items())) or "none"),
             f"5xx answers (all retried): {len(self.server_errors)}",
+            f"503 SERVICE_UNAVAILABLE answers (allowed, retried): {self.unavailable}; "
+            f"requests left unavailable through every retry: {len(self.unavailable_final)}",
             "library retries (stats.counts of "
             f"{self.workers_reporting} exited workers): "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.library_retries.items())) or "none"),
@@ -394,8 +419,8 @@ def _app_url(database_url: str, proxy: TcpProxy | None) -> str:
 
 def run(config: RunConfig) -> Report:
     """Run the load (and faults) of ``config``; return what was checked and found."""
-    if config.engine not in (*SERVER_ENV, "galera"):
-        raise ValueError(f"engine must be one of {sorted(SERVER_ENV)} or galera")
+    if config.engine not in ENGINES:
+        raise ValueError(f"engine must be one of {sorted(ENGINES)}")
     if config.fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}")
     started = time.monotonic()
@@ -407,7 +432,7 @@ def run(config: RunConfig) -> Report:
     report = Report(engine=config.engine, fault=config.fault, seconds=config.seconds)
     report.log_path = str(artifacts / "gunicorn.log")
 
-    galera = config.engine == "galera"
+    galera = config.engine == GALERA
     cluster: Any = None
     if galera:
         cluster = _start_cluster(report)
@@ -417,17 +442,28 @@ def run(config: RunConfig) -> Report:
         own_database = config.database_url is None
         database_url = config.database_url or create_database(config.engine)
     proxy: TcpProxy | None = None
+    bouncer: PgBouncer | None = None
     servers: list[Server] = []
     killers: list[ConnectionKiller] = []
     injector: FaultInjector | None = None
     processes: list[multiprocessing.process.BaseProcess] = []
     try:
+        parsed = make_url(database_url)
+        default_port = 3306 if parsed.get_backend_name() == "mysql" else 5432
+        upstream = (parsed.host or "127.0.0.1", parsed.port or default_port)
         if config.fault in ("outage", "all") and not galera:
-            parsed = make_url(database_url)
-            default_port = 5432 if config.engine == "postgresql" else 3306
-            proxy = TcpProxy(parsed.host or "127.0.0.1", parsed.port or default_port)
+            proxy = TcpProxy(*upstream)
             proxy.start()
-        node_urls = cluster.urls() if galera else [_app_url(database_url, proxy)]
+            upstream = ("127.0.0.1", proxy.port)
+        if config.engine in THROUGH:
+            # The app -> PgBouncer -> (the outage proxy ->) PostgreSQL.
+            bouncer = PgBouncer(*upstream, pool_size=BOUNCER_POOL_SIZE).start()
+        if galera:
+            node_urls = cluster.urls()
+        elif bouncer is not None:
+            node_urls = [bouncer.url(database_url)]
+        else:
+            node_urls = [_app_url(database_url, proxy)]
         mark = time.monotonic()
         for number, url in enumerate(node_urls):
             # On the cluster: one host per node, the workers shared out.
@@ -439,6 +475,7 @@ def run(config: RunConfig) -> Report:
                     log_path=artifacts
                     / ("gunicorn.log" if number == 0 else f"gunicorn-{number + 1}.log"),
                     secret=DEFAULT_JWT_SECRET,
+                    db_retry_seconds=config.db_retry_seconds,
                 )
             )
             servers[-1].start()
@@ -474,7 +511,7 @@ def run(config: RunConfig) -> Report:
 
         plan: dict[str, Any] = {}
         if config.fault in ("connections", "all"):
-            for url in node_urls if galera else [database_url]:
+            for url in cluster.urls() if galera else [database_url]:
                 killers.append(ConnectionKiller(admin_url(url), make_url(url).database))
             plan["connections"] = (_rotating(killers, rng), (0.4, 1.0))
         if galera:
@@ -547,6 +584,8 @@ def run(config: RunConfig) -> Report:
             each.stop()
         for killer in killers:
             killer.close()
+        if bouncer is not None:
+            bouncer.stop()
         if proxy is not None:
             proxy.stop()
         if own_database:
@@ -652,6 +691,8 @@ def _read_clients(report: Report, artifacts: Path, clients: int) -> list[dict[st
         report.statuses.update(data["statuses"])
         report.client_retries.update(data["retries"])
         report.server_errors.extend(data["server_errors"])
+        report.unavailable += data["unavailable"]
+        report.unavailable_final.extend(data["unavailable_final"])
         report.timeouts += data["timeouts"]
         report.max_latency = max(report.max_latency, data["max_latency"])
         report.replays_checked += data["replays_checked"]

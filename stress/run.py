@@ -2,14 +2,17 @@
 
     python -m stress.run --engine postgresql --seconds 20 --clients 2 --workers 4
     python -m stress.run --engine mysql --fault all --seconds 240
+    python -m stress.run --engine pgbouncer --fault all --seconds 60
     python -m stress.run --engine galera --fault all --seconds 120
 
 Creates a fresh database on the engine's server (``CREDITS_TEST_POSTGRES_URL``
-/ ``CREDITS_TEST_MYSQL_URL``, or the local defaults; for ``galera``, a
-three-node cluster of its own whose nodes each get a host), migrates it, runs the
-stress host under gunicorn against it, drives it from client processes
-(optionally while injecting faults), checks every invariant, prints a
-summary, drops the database. Exits 1 if any check failed.
+/ ``CREDITS_TEST_MYSQL_URL``, or the local defaults), migrates it, runs the
+stress host under gunicorn against it (``pgbouncer``: PostgreSQL through a
+PgBouncer in transaction pooling mode started for the run; ``galera``: a
+three-node cluster of its own, a host per node, clients spread over them),
+drives it from
+client processes (optionally while injecting faults), checks every
+invariant, prints a summary, drops the database. Exits 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .harness import FAULTS, RunConfig, run
+from .harness import ENGINES, FAULTS, RunConfig, run
 
 __all__ = ["main"]
 
@@ -28,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m stress.run", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--engine", choices=["postgresql", "mysql", "galera"], action="append")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        action="append",
+        help="postgresql, mysql, or pgbouncer (PostgreSQL through a PgBouncer in "
+        "transaction pooling mode); repeatable (default postgresql)",
+    )
     parser.add_argument("--seconds", type=float, default=15.0, help="load duration (default 15)")
     parser.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     parser.add_argument("--threads", type=int, default=3, help="threads per client (default 3)")

@@ -46,6 +46,13 @@ def _engines() -> list[str]:
 
 
 ENGINES = _engines()
+#: ``ENGINES`` and, with PostgreSQL, ``"pgbouncer"``: the session's PostgreSQL
+#: database through a PgBouncer in transaction pooling mode (the ``pgbouncer``
+#: fixture). A test opts in with ``through_pgbouncer_too``.
+ENGINES_AND_PGBOUNCER = [*ENGINES, "pgbouncer"] if "postgresql" in ENGINES else ENGINES
+through_pgbouncer_too = pytest.mark.parametrize(
+    "engine_name", ENGINES_AND_PGBOUNCER, indirect=True
+)
 
 
 def _server_url(name: str) -> str:
@@ -116,6 +123,22 @@ def databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Databases]:
     dbs.drop_all()
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(databases: Databases) -> Iterator[str]:
+    """A URL to the session's PostgreSQL database through a PgBouncer in
+    transaction pooling mode (started on first use, stopped at the end)."""
+    if "postgresql" not in ENGINES:
+        pytest.skip("PgBouncer runs in front of PostgreSQL: CREDITS_TEST_POSTGRES_URL is not set")
+    from pgbouncer import start_pgbouncer
+
+    url = databases.url("postgresql")
+    bouncer = start_pgbouncer(url)
+    try:
+        yield bouncer.url(url)
+    finally:
+        bouncer.stop()
+
+
 @pytest.fixture(params=ENGINES)
 def engine_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -164,9 +187,22 @@ def app_config() -> dict[str, Any]:
     return {}
 
 
+def database_url(request: pytest.FixtureRequest, databases: Databases, engine_name: str) -> str:
+    """The session's database of ``engine_name`` (``"pgbouncer"``: PostgreSQL's,
+    through the bouncer)."""
+    if engine_name == "pgbouncer":
+        return str(request.getfixturevalue("pgbouncer"))
+    return databases.url(engine_name)
+
+
 @pytest.fixture
-def app(databases: Databases, engine_name: str, app_config: dict[str, Any]) -> Iterator[Flask]:
-    app = make_app(databases.url(engine_name), **app_config)
+def app(
+    request: pytest.FixtureRequest,
+    databases: Databases,
+    engine_name: str,
+    app_config: dict[str, Any],
+) -> Iterator[Flask]:
+    app = make_app(database_url(request, databases, engine_name), **app_config)
     yield app
     with app.app_context():
         app.extensions["sqlalchemy"].engine.dispose()
@@ -295,6 +331,32 @@ def redis_prefix() -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep ``xdist_group`` tests on one worker under ``--dist loadgroup``.
+
+    pytest-xdist names a test's group by appending ``@group`` to its node id
+    through ``item._nodeid``; pytest 9 reads the id from ``item._id`` instead,
+    so the suffix is lost and the group is spread over the workers. This
+    sets it where pytest reads it (a no-op where xdist's own rename works).
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import coerce_node_id
+    except ImportError:  # an older pytest, where xdist's rename works
+        return
+    for item in items:
+        names = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        if names and "@" not in item.nodeid.rsplit("]", 1)[-1] and hasattr(item, "_id"):
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
 
 
 @pytest.fixture(scope="session")

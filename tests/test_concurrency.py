@@ -4,6 +4,9 @@ Threads each drive their own ``app.test_client()``; the multi-process test
 spawns OS processes that each build their own app. Idempotency keys are
 duplicated on purpose: the two halves of a pair wait on a two-party barrier
 and send the same key and body at the same moment.
+
+On PostgreSQL the threaded tests also run through a PgBouncer in transaction
+pooling mode (``through_pgbouncer_too``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE, make_token
+from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE, make_token, through_pgbouncer_too
 from invariants import Reply, account_problems, replies_problems, snapshot
 
 from callora_credits import current_ledger
@@ -336,6 +339,7 @@ def assert_mix_exercised_every_path(replies: list[Reply]) -> None:
 # --- 1. mixed load over HTTP from threads ------------------------------------------
 
 
+@through_pgbouncer_too
 def test_mixed_load_on_one_account_from_threads(app, user_id):
     plan, replies, failures, errors = run_thread_mix(
         app, user_id, seed=20260115, singles=272, pairs=24, workers=16
@@ -482,6 +486,7 @@ def concurrently(count: int, send: Callable[[int, Any], Any], app: Any) -> list[
     return results
 
 
+@through_pgbouncer_too
 def test_overdraw_race_lets_exactly_the_balance_through(app, user_id):
     auth = tokens()
     with app.app_context():
@@ -516,6 +521,7 @@ def test_overdraw_race_lets_exactly_the_balance_through(app, user_id):
 # --- 4. one key, twenty senders ----------------------------------------------------------
 
 
+@through_pgbouncer_too
 def test_concurrent_same_key_applies_once(app, user_id):
     auth = tokens()
     with app.app_context():
@@ -559,6 +565,7 @@ def test_concurrent_same_key_applies_once(app, user_id):
 # --- 5. first top-up race on a brand-new account ------------------------------------
 
 
+@through_pgbouncer_too
 def test_first_top_up_race_creates_one_account(app, user_id):
     auth = tokens()
 
@@ -592,6 +599,7 @@ def test_first_top_up_race_creates_one_account(app, user_id):
 # --- 6. reconcile after a mixed load ---------------------------------------------------
 
 
+@through_pgbouncer_too
 def test_reconcile_is_clean_after_a_mixed_load(app, user_id):
     with app.app_context():
         if not hasattr(current_ledger(), "reconcile"):

@@ -165,13 +165,17 @@ def test_host_pages_are_untouched(app, client):
 # --- a lost database ---------------------------------------------------------------------
 
 
+# A small retry budget, so an outage is answered in well under a second.
+QUICK_RETRIES = {"CREDITS_DB_RETRIES": 3, "CREDITS_DB_RETRY_SECONDS": 0.3}
+
+
 @contextmanager
 def app_losing_its_database(databases: Any, engine_name: str) -> Iterator[tuple[Flask, Any]]:
-    """An app whose database can be made unreachable; yields (app, cut)."""
+    """An app whose database can be made unreachable; yields (app, proxy)."""
     if engine_name == "sqlite":
         folder = f"/nonexistent-{uuid.uuid4().hex}"
         assert not os.path.exists(folder)
-        app = make_app(f"sqlite:///{folder}/credits.db")
+        app = make_app(f"sqlite:///{folder}/credits.db", **QUICK_RETRIES)
         try:
             yield app, None
         finally:
@@ -181,7 +185,7 @@ def app_losing_its_database(databases: Any, engine_name: str) -> Iterator[tuple[
     url = make_url(databases.url(engine_name))
     with TcpProxy(url.host or "127.0.0.1", url.port or DEFAULT_PORTS[engine_name]) as proxy:
         proxied = url.set(host="127.0.0.1", port=proxy.port)
-        app = make_app(proxied.render_as_string(hide_password=False))
+        app = make_app(proxied.render_as_string(hide_password=False), **QUICK_RETRIES)
         try:
             yield app, proxy
         finally:
@@ -189,7 +193,7 @@ def app_losing_its_database(databases: Any, engine_name: str) -> Iterator[tuple[
                 app.extensions["sqlalchemy"].engine.dispose()
 
 
-FORBIDDEN_IN_500 = [
+FORBIDDEN_IN_ERRORS = [
     "select",
     "insert",
     "credits",
@@ -207,7 +211,7 @@ FORBIDDEN_IN_500 = [
 ]
 
 
-def test_database_down_is_a_clean_500(databases, engine_name, user_id, caplog):
+def test_database_down_is_a_clean_503(databases, engine_name, user_id, caplog):
     with app_losing_its_database(databases, engine_name) as (app, proxy):
         client = app.test_client()
         if proxy is not None:
@@ -216,17 +220,14 @@ def test_database_down_is_a_clean_500(databases, engine_name, user_id, caplog):
             assert proxy.connections >= 1
             proxy.cut()
         request_id = f"rid-{uuid.uuid4().hex}"
-        with caplog.at_level(logging.ERROR, logger="callora_credits"):
+        with caplog.at_level(logging.WARNING, logger="callora_credits"):
             response = client.get(BASE, headers={**bearer(user_id), "X-Request-Id": request_id})
-        body = assert_error(response, 500, "INTERNAL_SERVER_ERROR")
-        assert body == {
-            "code": "INTERNAL_SERVER_ERROR",
-            "message": "Internal server error",
-            "requestId": request_id,
-            "details": [],
-        }
+        body = assert_error(response, 503, "SERVICE_UNAVAILABLE")
+        assert response.headers["Retry-After"] == "1"
+        assert body["requestId"] == request_id
+        assert body["details"] == []
         text = response.get_data(as_text=True).lower()
-        leaked = [word for word in FORBIDDEN_IN_500 if word in text]
+        leaked = [word for word in FORBIDDEN_IN_ERRORS if word in text]
         assert not leaked, text
         if proxy is not None:
             assert str(proxy.port) not in text
@@ -237,7 +238,33 @@ def test_database_down_is_a_clean_500(databases, engine_name, user_id, caplog):
             if r.name == "callora_credits" and getattr(r, "request_id", None) == request_id
         ]
         assert records, caplog.records
-        assert any(r.levelno >= logging.ERROR and r.exc_info for r in records)
+        assert any(r.levelno == logging.WARNING and r.exc_info for r in records)
+        assert not any(r.levelno >= logging.ERROR for r in records)
+
+
+def test_a_database_error_that_is_not_transient_is_a_clean_500(host, tmp_path, user_id, caplog):
+    """A database without the credits tables: not an outage, so a 500."""
+    app = host(f"sqlite:///{tmp_path / 'no-tables.sqlite3'}", **QUICK_RETRIES)
+    request_id = f"rid-{uuid.uuid4().hex}"
+    with caplog.at_level(logging.ERROR, logger="callora_credits"):
+        response = app.test_client().get(
+            BASE, headers={**bearer(user_id), "X-Request-Id": request_id}
+        )
+    body = assert_error(response, 500, "INTERNAL_SERVER_ERROR")
+    assert body == {
+        "code": "INTERNAL_SERVER_ERROR",
+        "message": "Internal server error",
+        "requestId": request_id,
+        "details": [],
+    }
+    assert "Retry-After" not in response.headers
+    text = response.get_data(as_text=True).lower()
+    leaked = [word for word in FORBIDDEN_IN_ERRORS if word in text]
+    assert not leaked, text
+    assert any(
+        r.levelno >= logging.ERROR and r.exc_info and getattr(r, "request_id", None) == request_id
+        for r in caplog.records
+    )
 
 
 # --- the OpenAPI document -----------------------------------------------------------------
@@ -268,7 +295,13 @@ def test_openapi_document_lists_every_route(client, app):
     assert routes <= documented, routes - documented
     assert documented == routes
     for path, method in routes:
-        assert "500" in doc["paths"][path][method]["responses"], (path, method)
+        responses = doc["paths"][path][method]["responses"]
+        assert "500" in responses, (path, method)
+        # Every route but the document itself reads or writes the database.
+        if path.endswith("/openapi.json"):
+            assert "503" not in responses
+        else:
+            assert responses["503"]["headers"]["Retry-After"]["schema"]["minimum"] == 1
 
 
 def test_openapi_document_is_valid(client):

@@ -9,18 +9,24 @@ the shared servers:
 - a gunicorn worker killed with SIGKILL while requests are in flight;
 - the database unreachable for about a second, through a TCP proxy the test
   runs between the app and the server (every connection reset, new ones
-  refused), then back.
+  refused), then back; once with the library's retry budget (5 s, so
+  requests wait it out) and once with a budget shorter than the outage (so
+  requests during it are answered 503 ``SERVICE_UNAVAILABLE``).
+
+The three also run in turn on PostgreSQL through a PgBouncer in transaction
+pooling mode, the outage proxy between the bouncer and the server.
 
 A last test provokes each transient error the retry loop handles for real on its engine
 (a deadlock, a serialization failure, a lock wait timeout, a terminated
 connection, SQLite's "database is locked") and shows the unit of work retries
 exactly those, and not a constraint violation.
 
-Clients retry a connection error, a timeout, a 5xx or a 409
+Clients retry a connection error, a timeout, a 5xx (a 503
+``SERVICE_UNAVAILABLE`` after its ``Retry-After``) or a 409
 ``IDEMPOTENCY_IN_PROGRESS`` with the same key and body. Every run must end
 with every invariant of ``stress.harness.verify``, every request answered
-(no 5xx left unretried), a 5xx only where its traceback is the injected
-fault, and no request past the client timeout (15 s).
+(no 5xx left unretried), a 5xx other than that 503 only where its traceback
+is the injected fault, and no request past the client timeout (15 s).
 """
 
 from __future__ import annotations
@@ -74,11 +80,18 @@ def server_engine(engine_name: str) -> str:
     return engine_name
 
 
-def _run(engine: str, fault: str, databases: FreshDatabases, artifacts: Path) -> Report:
+def _run(
+    engine: str,
+    fault: str,
+    databases: FreshDatabases,
+    artifacts: Path,
+    db_retry_seconds: float | None = None,
+) -> Report:
     report = run(
         RunConfig(
             engine=engine,
             fault=fault,
+            db_retry_seconds=db_retry_seconds,
             seconds=SECONDS,
             clients=2,
             client_threads=3,
@@ -132,6 +145,58 @@ def test_database_briefly_unreachable(
     assert report.fault_hits["outage"] > 0, summary  # live connections were cut
     seen = report.library_retries_logged["disconnect"] + sum(report.client_retries.values())
     assert seen > 0, summary
+
+
+def test_every_fault_through_pgbouncer(fault_databases: FreshDatabases, tmp_path: Path) -> None:
+    """PostgreSQL through a PgBouncer in transaction pooling mode (the outage
+    proxy between the bouncer and the server): the three faults in turn."""
+    from conftest import ENGINES
+    from pgbouncer import find_pgbouncer, skip_or_fail_without_pgbouncer
+
+    if "postgresql" not in ENGINES:
+        pytest.skip("PgBouncer runs in front of PostgreSQL: CREDITS_TEST_POSTGRES_URL is not set")
+    if find_pgbouncer() is None:
+        skip_or_fail_without_pgbouncer()
+    report = run(
+        RunConfig(
+            engine="pgbouncer",
+            fault="all",
+            # A quiet phase, then one of each fault.
+            seconds=17,
+            phase_seconds=4,
+            clients=2,
+            client_threads=3,
+            workers=3,
+            worker_threads=4,
+            cold_users=100,
+            request_timeout=REQUEST_TIMEOUT,
+            database_url=fault_databases.url("pgbouncer"),
+            artifacts=tmp_path,
+        )
+    )
+    summary = report.summary()
+    print(summary)
+    assert report.problems() == [], summary
+    assert report.timeouts == 0, summary
+    assert report.max_latency < REQUEST_TIMEOUT, summary
+    assert sum(report.ops.values()) >= 40, summary
+    for fault in ("connections", "workers", "outage"):
+        assert report.faults[fault] >= 1, summary
+
+
+def test_an_outage_longer_than_the_retries_is_answered_503(
+    server_engine: str, fault_databases: FreshDatabases, tmp_path: Path
+) -> None:
+    """With CREDITS_DB_RETRY_SECONDS (0.2 s) well below the outage (1 s),
+    requests during it are answered 503 SERVICE_UNAVAILABLE, never a 500;
+    clients send them again with the same key after Retry-After, and every
+    invariant holds (no 503 applied, nothing applied twice)."""
+    report = _run(server_engine, "outage", fault_databases, tmp_path, db_retry_seconds=0.2)
+    summary = report.summary()
+    assert report.faults["outage"] >= 2, summary
+    assert report.unavailable > 0, summary
+    assert report.client_retries["service_unavailable"] == report.unavailable, summary
+    assert report.server_errors == [], summary
 
 
 # --- the retry loop against real driver errors -----------------------------------

@@ -7,6 +7,8 @@ outcome is either the one success the money allows or the one refusal that
 names why (``INSUFFICIENT_CREDITS`` for want of money, ``HOLD_NOT_PENDING``
 for a hold another thread resolved first): any other error fails the test,
 and the number of successes in each round is exact.
+
+On PostgreSQL it also runs through a PgBouncer in transaction pooling mode.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from conftest import through_pgbouncer_too
 from invariants import ledger_problems
 
 from callora_credits import current_ledger
@@ -64,6 +67,7 @@ def balance(app: Any, user_id: str) -> tuple[int, int, int]:
     return shown.balance_units, shown.held_units, shown.available_units
 
 
+@through_pgbouncer_too
 def test_holds_charges_captures_and_releases_let_through_what_the_money_allows(app, user_id):
     with app.app_context():
         current_ledger().top_up(user_id, 500)

@@ -36,8 +36,9 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 AUTH = set(UNAUTHORIZED_CODES)
 # Every read validates its query string (an unknown or repeated key is a 400)
-# and authenticates. Every route may fail unexpectedly (500).
-READ = {"VALIDATION_ERROR", *AUTH, "INTERNAL_SERVER_ERROR"}
+# and authenticates. Every route may fail unexpectedly (500); every route that
+# reaches the database may find it unavailable (503).
+READ = {"VALIDATION_ERROR", *AUTH, "INTERNAL_SERVER_ERROR", "SERVICE_UNAVAILABLE"}
 # Every write also checks the scope (403), requires the key (400), bounds the
 # body (413) and may meet a concurrent duplicate of its key that outlasts
 # CREDITS_IDEMPOTENCY_WAIT_SECONDS (409).
@@ -228,11 +229,12 @@ def bearer(user: str, scopes: str | None = None, **claims: Any) -> dict[str, str
 
 
 def drive(
-    app: Flask, limited: Flask, broken: Flask
+    app: Flask, limited: Flask, broken: Flask, unreachable: Flask
 ) -> dict[tuple[str, str], set[tuple[int, str]]]:
     """Produce every code that ordinary requests can produce: on ``app``, on
-    ``limited`` (a balance limit of 10 USDC and no idempotency wait) and on
-    ``broken`` (a database without the credits tables)."""
+    ``limited`` (a balance limit of 10 USDC and no idempotency wait), on
+    ``broken`` (a database without the credits tables) and on ``unreachable``
+    (a database that cannot be opened)."""
     seen: dict[tuple[str, str], set[tuple[int, str]]] = defaultdict(set)
     r = Recorder(app, seen)
     tag = uuid.uuid4().hex[:10]
@@ -461,6 +463,11 @@ def drive(
         body = {name: value for name, value in every_field.items() if name in fields}
         sent = down.send(op.method, path, headers=both, json=body if op.method == "POST" else None)
         assert sent.get_json()["message"] == "Internal server error", (path, sent.get_json())
+        # The same request on a database that cannot be reached: a 503.
+        gone = Recorder(unreachable, seen)
+        sent = gone.send(op.method, path, headers=both, json=body if op.method == "POST" else None)
+        assert sent.status_code == 503, (path, sent.get_json())
+        assert sent.headers["Retry-After"] == "1"
     return seen
 
 
@@ -481,7 +488,12 @@ def test_every_code_a_request_produces_is_listed_for_its_operation(host, tmp_pat
     app = host()
     limited = host(CREDITS_MAX_BALANCE_USDC="10", CREDITS_IDEMPOTENCY_WAIT_SECONDS=0)
     broken = host(f"sqlite:///{tmp_path / 'no-tables.sqlite3'}")
-    seen = drive(app, limited, broken)
+    unreachable = host(
+        f"sqlite:///{tmp_path / 'no-such-folder' / 'credits.sqlite3'}",
+        CREDITS_DB_RETRIES=1,
+        CREDITS_DB_RETRY_SECONDS=0.1,
+    )
+    seen = drive(app, limited, broken, unreachable)
     check_against_document(seen, app.test_client().get(f"{PREFIX}/openapi.json").get_json())
     for key, expected in EXPECTED.items():
         produced = {code for _, code in seen[key] if code}

@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from callora_credits import current_ledger
 from callora_credits.db.unit_of_work import RetryStats, Tx, run
+from callora_credits.errors import ServiceUnavailable
 
 
 def _retry_notices(records: list[logging.LogRecord]) -> list[str]:
@@ -79,12 +80,21 @@ def _locked(calls: list[float]) -> Any:
     return work
 
 
-def test_retries_stop_at_the_attempt_bound(tmp_path):
+def test_retries_stop_at_the_attempt_bound(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="callora_credits")
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'bound.sqlite3'}")
     calls: list[float] = []
-    with pytest.raises(sa.exc.OperationalError):
+    with pytest.raises(ServiceUnavailable) as raised:
         run(_locked(calls), engine=engine, retries=3, retry_seconds=60)
     assert len(calls) == 4  # the first attempt and three retries
+    # The driver's error is the cause, kept for the log; the reason names it.
+    assert isinstance(raised.value.__cause__, sa.exc.OperationalError)
+    assert (raised.value.reason, raised.value.retry_after) == ("locked", 1)
+    gave_up = [r for r in caplog.records if r.getMessage().startswith("credits: giving up")]
+    assert len(gave_up) == 1
+    assert gave_up[0].levelno == logging.WARNING
+    assert "after 4 attempts" in gave_up[0].getMessage()
+    assert "database is locked" in gave_up[0].getMessage()
     engine.dispose()
 
 
@@ -92,10 +102,41 @@ def test_retries_stop_at_the_time_bound(tmp_path):
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'bound.sqlite3'}")
     calls: list[float] = []
     started = time.monotonic()
-    with pytest.raises(sa.exc.OperationalError):
+    with pytest.raises(ServiceUnavailable):
         run(_locked(calls), engine=engine, retries=10_000, retry_seconds=0.5)
     assert 0.5 <= time.monotonic() - started < 2.0
     assert 3 < len(calls) < 10_000
+    engine.dispose()
+
+
+def test_the_backoff_grows_with_jitter_and_stays_within_the_budget(tmp_path, monkeypatch):
+    import callora_credits.db.unit_of_work as unit_of_work
+
+    pauses: list[float] = []
+    monkeypatch.setattr(unit_of_work.time, "sleep", pauses.append)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'bound.sqlite3'}")
+    calls: list[float] = []
+    with pytest.raises(ServiceUnavailable):
+        run(_locked(calls), engine=engine, retries=8, retry_seconds=60)
+    engine.dispose()
+    assert len(pauses) == 8
+    # Full jitter under a ceiling that doubles from 20 ms up to 0.5 s.
+    ceilings = [min(0.5, 0.01 * 2**attempt) for attempt in range(1, 9)]
+    assert all(0 <= pause <= top for pause, top in zip(pauses, ceilings, strict=True))
+    assert len(set(pauses)) > 1
+
+
+def test_an_error_that_is_not_transient_is_raised_as_it_is(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'bound.sqlite3'}")
+    calls: list[int] = []
+
+    def work(tx: Tx) -> None:
+        calls.append(tx.attempt)
+        tx.conn.execute(sa.text("SELECT * FROM no_such_table"))
+
+    with pytest.raises(sa.exc.OperationalError):
+        run(work, engine=engine, retries=3, retry_seconds=60)
+    assert calls == [0]
     engine.dispose()
 
 

@@ -20,6 +20,7 @@ from typing_extensions import Unpack
 
 from ..config import CreditsConfig
 from ..db import hold_rows, key_rows, store
+from ..db.connections import configure_engine
 from ..db.unit_of_work import HostSession, RetryStats, Tx, run
 from ..db.usage import BucketSums, usage_sums
 from ..errors import CreditsError, ValidationError
@@ -84,6 +85,10 @@ class Ledger(GrantsAPI):
     call gets an internal key, so its own retries never apply it twice) and
     ``session=``: pass the host's session (``db.session`` too) to run inside
     its transaction instead (no retries; signals fire when it commits).
+
+    On PostgreSQL with psycopg 3 the engine's connections stop preparing
+    statements on the server, unless ``config.pg_prepared_statements``
+    (:func:`~callora_credits.db.connections.configure_engine`).
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class Ledger(GrantsAPI):
         stats: RetryStats | None = None,
         sender: Any = None,
     ) -> None:
+        configure_engine(engine, prepared_statements=config.pg_prepared_statements)
         self.engine = engine
         self.config = config
         self.clock = clock

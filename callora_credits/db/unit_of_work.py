@@ -25,6 +25,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, scoped_session
 
+from ..errors import ServiceUnavailable
+
 __all__ = ["HostSession", "RetryStats", "RetryTransaction", "Tx", "is_retryable", "run"]
 
 #: What ``session=`` accepts: a ``Session``, or a ``scoped_session`` such as
@@ -35,10 +37,32 @@ log = logging.getLogger("callora_credits")
 
 T = TypeVar("T")
 
-# SQLSTATEs: serialization failure, deadlock.
-_PG_RETRY_STATES = frozenset({"40001", "40P01"})
-# MariaDB/MySQL: deadlock, lock wait timeout, server gone / lost connection.
-_MYSQL_RETRY_CODES = frozenset({1213, 1205, 2006, 2013})
+# PostgreSQL SQLSTATEs of a transient failure, by reason.
+_PG_REASONS = {
+    "40001": "serialization",  # serialization_failure
+    "40P01": "deadlock",  # deadlock_detected
+    "55P03": "lock_timeout",  # lock_not_available (lock_timeout, NOWAIT)
+    "25006": "unavailable",  # read_only_sql_transaction: a standby, mid-failover
+    "57P01": "disconnect",  # admin_shutdown
+    "57P02": "disconnect",  # crash_shutdown
+    "57P03": "unavailable",  # cannot_connect_now (starting up, shutting down)
+}
+# MariaDB/MySQL error numbers of a transient failure, by reason. 1213 is also
+# how Galera reports a certification failure, at COMMIT or mid-statement (a
+# brute-force abort); 1047 is a Galera node outside the primary component
+# ("WSREP has not yet prepared node for application use").
+_MYSQL_REASONS = {
+    1213: "deadlock",  # ER_LOCK_DEADLOCK
+    1205: "lock_timeout",  # ER_LOCK_WAIT_TIMEOUT
+    1047: "unavailable",  # ER_UNKNOWN_COM_ERROR, as Galera sends it
+    2006: "disconnect",  # CR_SERVER_GONE_ERROR
+    2013: "disconnect",  # CR_SERVER_LOST
+    1927: "disconnect",  # ER_CONNECTION_KILLED
+}
+# MariaDB 1180 ("Got error N during COMMIT") is transient only when Galera
+# refused the commit: the node left the primary component.
+_MYSQL_COMMIT_FAILED = 1180
+_WSREP_WORDS = ("wsrep", "primary component", "no such device or address")
 
 
 class RetryTransaction(Exception):
@@ -85,6 +109,7 @@ class RetryStats:
 
 
 def _retry_reason(exc: BaseException) -> str | None:
+    """Why running the unit again may succeed, or ``None`` if it may not."""
     if isinstance(exc, RetryTransaction):
         return "conflict"
     if isinstance(exc, ConnectFailed):
@@ -95,15 +120,32 @@ def _retry_reason(exc: BaseException) -> str | None:
         return "disconnect"
     orig = exc.orig
     args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and args[0] in _MYSQL_RETRY_CODES:
-        return {1213: "deadlock", 1205: "lock_timeout"}.get(args[0], "disconnect")
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if state in _PG_RETRY_STATES:
-        return "serialization" if state == "40001" else "deadlock"
     text = str(orig).lower()
+    if args and isinstance(args[0], int):
+        reason = _MYSQL_REASONS.get(args[0])
+        if reason is not None:
+            return reason
+        if args[0] == _MYSQL_COMMIT_FAILED:
+            if "deadlock" in text:
+                return "deadlock"
+            if any(word in text for word in _WSREP_WORDS):
+                return "unavailable"
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(state, str) and state in _PG_REASONS:
+        return _PG_REASONS[state]
+    if state == "08P01" and "server login has been failing" in text:
+        # PgBouncer in front of a server it cannot reach (server_login_retry).
+        return "unavailable"
     if "database is locked" in text or "database table is locked" in text:
         return "locked"
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's own message, one line, for a log."""
+    cause = exc.orig if isinstance(exc, DBAPIError) else exc
+    lines = str(cause).strip().splitlines() or [type(cause).__name__]
+    return lines[0][:300]
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -112,7 +154,11 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class ConnectFailed(Exception):
-    """The database could not be reached to open a connection (retried)."""
+    """The database could not be reached to open a connection (retried).
+
+    Once the retries are spent, :func:`run` raises
+    :class:`~callora_credits.errors.ServiceUnavailable` from it.
+    """
 
 
 def _connect(engine: Engine) -> Connection:
@@ -309,10 +355,15 @@ def run(
     """Run ``work`` in one transaction and return its result.
 
     Without ``session``: a transaction of its own on ``engine``, retried with
-    jittered exponential backoff on serialization failures, deadlocks, lock
-    timeouts, SQLite's "database is locked" and lost connections while both
+    jittered exponential backoff on serialization failures, deadlocks and
+    Galera certification failures (at ``COMMIT`` too), lock timeouts, a
+    Galera node outside the primary component, SQLite's "database is locked",
+    lost connections and connections that cannot be opened, while both
     bounds hold: at most ``retries`` retries and ``retry_seconds`` of
-    retrying. Safe because every unit carries an idempotency key.
+    retrying. Safe because every unit carries an idempotency key. When a
+    transient failure outlasts them, raises
+    :class:`~callora_credits.errors.ServiceUnavailable` from the last
+    failure; any other error is raised as it is.
 
     ``causal`` (a read on MariaDB/MySQL without ``session``): the transaction's
     statements run with ``wsrep_sync_wait = 1``, so on a Galera node they see
@@ -321,8 +372,10 @@ def run(
 
     With ``session`` (a ``Session`` or a ``scoped_session`` such as
     Flask-SQLAlchemy's ``db.session``): inside the host's transaction, with no
-    retries; callbacks run once, when the host's outermost transaction
-    commits, and never if it (or a savepoint around the call) rolls back.
+    retries, and the driver's errors pass through unchanged (the host owns the
+    transaction, and decides whether to run it again); callbacks run once,
+    when the host's outermost transaction commits, and never if it (or a
+    savepoint around the call) rolls back.
     """
     if session is not None:
         host = _actual_session(session)
@@ -337,7 +390,8 @@ def run(
         return result
 
     attempt = 0
-    deadline = time.monotonic() + retry_seconds
+    started = time.monotonic()
+    deadline = started + retry_seconds
     while True:
         try:
             with _begin(engine, write, causal) as conn:
@@ -345,9 +399,18 @@ def run(
                 result = work(tx)
         except Exception as exc:
             reason = _retry_reason(exc)
-            left = deadline - time.monotonic()
-            if reason is None or attempt >= retries or left <= 0:
+            if reason is None:
                 raise
+            left = deadline - time.monotonic()
+            if attempt >= retries or left <= 0:
+                log.warning(
+                    "credits: giving up on a transaction after %d attempts in %.2fs (%s: %s)",
+                    attempt + 1,
+                    time.monotonic() - started,
+                    reason,
+                    _first_line(exc),
+                )
+                raise ServiceUnavailable(reason=reason) from exc
             attempt += 1
             if stats is not None:
                 stats.add(reason)

@@ -30,6 +30,7 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    ServiceUnavailable,
     Unauthorized,
     ValidationError,
 )
@@ -264,25 +265,30 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 def error_response(error: CreditsError) -> Response:
     """``error`` as the credits routes answer it: its status, the JSON error
-    body and this request's ``X-Request-Id``.
+    body and this request's ``X-Request-Id`` (and ``Retry-After`` for a
+    :class:`~callora_credits.errors.ServiceUnavailable`).
 
     For host routes that call the library, e.g. after
     :func:`~callora_credits.current_caller` raised
     :class:`~callora_credits.errors.Unauthorized`.
     """
     rid = request_id()
-    response = json_response(error_body(error.code, error.message, rid, error.details))
-    response.status_code = status_of(error)
+    body = dumps(error_body(error.code, error.message, rid, error.details))
+    if isinstance(error, ServiceUnavailable):
+        response: Response = _retry_after_response(body, status_of(error), error.retry_after)
+    else:
+        response = Response(body, status=status_of(error), mimetype="application/json")
     response.headers["X-Request-Id"] = rid
     return response
 
 
-class _RateLimitedResponse(Response):
-    """A 429 whose ``Retry-After`` is settled as it is sent.
+class _RetryAfterResponse(Response):
+    """A 429 or 503 whose ``Retry-After`` is settled as it is sent.
 
     Flask-Limiter's own after-request hook is the app's, so it runs after the
-    blueprint's and rewrites ``Retry-After`` as the truncated seconds left,
-    which can be 0; the header sent is whole seconds, at least 1.
+    blueprint's and writes ``Retry-After`` on every response it sees (the
+    truncated seconds left in the window, which can be 0); the header sent is
+    the one this response was made with, whole seconds, at least 1.
     """
 
     retry_after_seconds = 1
@@ -293,18 +299,21 @@ class _RateLimitedResponse(Response):
         return headers
 
 
+def _retry_after_response(body: bytes, status: int, seconds: int) -> Response:
+    response = _RetryAfterResponse(body, status=status, mimetype="application/json")
+    response.retry_after_seconds = max(1, seconds)
+    response.headers["Retry-After"] = str(response.retry_after_seconds)
+    return response
+
+
 def _rate_limited_response() -> Response:
     from .ratelimit import rate_limited
 
     error, seconds = rate_limited()
     rid = request_id()
-    response = _RateLimitedResponse(
-        dumps(error_body(error.code, error.message, rid)),
-        status=status_of(RateLimited),
-        mimetype="application/json",
+    response = _retry_after_response(
+        dumps(error_body(error.code, error.message, rid)), status_of(RateLimited), seconds
     )
-    response.retry_after_seconds = seconds
-    response.headers["Retry-After"] = str(seconds)
     response.headers["X-Request-Id"] = rid
     return response
 
@@ -365,7 +374,16 @@ def _finish(response: Response) -> Response:
 
 @credits_bp.errorhandler(CreditsError)
 def _credits_error(error: CreditsError) -> Response:
-    if status_of(error) >= 500:
+    if isinstance(error, ServiceUnavailable):
+        # Expected in an outage, and answered for the client to retry: the
+        # database's own error (the cause) goes to the log, never the body.
+        log.warning(
+            "credits: service unavailable (%s); answered 503 with Retry-After",
+            error.reason,
+            exc_info=error,
+            extra={"request_id": request_id()},
+        )
+    elif status_of(error) >= 500:
         log.error("credits: %s", error.message, extra={"request_id": request_id()})
     return error_response(error)
 

@@ -21,7 +21,7 @@ from flask import Request, Response, current_app, make_response, request
 from ..config import config
 from ..core import signals
 from ..core.money import format_units, parse_amount
-from ..errors import CreditsError
+from ..errors import CreditsError, ServiceUnavailable
 from ..extension import current_ledger
 from .auth import authenticate
 from .blueprint import error_response, printable, request_id
@@ -57,7 +57,9 @@ def charge_credits(price: Price) -> Callable[[F], F]:
     ``price`` is a string such as ``"0.0100000"``, or a callable taking the
     request and returning one. Responses gain ``X-Credits-Charged`` and
     ``X-Credits-Balance``. A caller who cannot pay gets a 402 in the library's
-    error shape and the view does not run.
+    error shape and the view does not run; so does one who cannot be served
+    because the database is unavailable (503 ``SERVICE_UNAVAILABLE`` with
+    ``Retry-After``).
     """
 
     def decorator(view: F) -> F:
@@ -107,7 +109,11 @@ def charge_credits(price: Price) -> Callable[[F], F]:
                     log.exception("credits: a capture_failed receiver failed")
                 return response
             response.headers["X-Credits-Charged"] = format_units(captured.captured_units)
-            balance = ledger.find_by_user_id(caller.user_id)
+            try:
+                balance = ledger.find_by_user_id(caller.user_id)
+            except ServiceUnavailable:
+                # The charge is made; only the header is left out.
+                balance = None
             if balance is not None:
                 response.headers["X-Credits-Balance"] = format_units(balance.balance_units)
             return response
@@ -120,6 +126,8 @@ def charge_credits(price: Price) -> Callable[[F], F]:
 def _release(hold_id: str) -> None:
     try:
         current_ledger().release(hold_id, idempotency_key=f"meter-release:{hold_id}")
+    except ServiceUnavailable:
+        log.warning("credits: release of hold %s failed; it will expire", hold_id)
     except CreditsError:
         pass  # already resolved or expired: nothing is held any more
     except Exception:

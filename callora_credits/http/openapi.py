@@ -65,6 +65,11 @@ ERROR_MEANINGS = {
     "`CREDITS_MAX_BALANCE_USDC`.",
     "RATE_LIMITED": "the caller used up a rate limit (`CREDITS_RATE_LIMIT`, "
     "`CREDITS_RATE_LIMIT_WRITE`); retry after `Retry-After` seconds.",
+    "SERVICE_UNAVAILABLE": "the database is unreachable, not accepting writes, or kept "
+    "failing transiently (deadlocks, lock waits) past the bounded retries. Nothing was "
+    "applied (unless the connection was lost during `COMMIT`); never stored under the "
+    "key: send the same request with the same `Idempotency-Key` after `Retry-After` "
+    "seconds.",
     "INTERNAL_SERVER_ERROR": "an unexpected failure; the body says nothing more, the "
     "log has the detail under the request id.",
 }
@@ -81,6 +86,7 @@ _STATUS_TEXT = {
     422: "Unprocessable",
     429: "Too many requests",
     500: "Internal server error",
+    503: "Service unavailable",
 }
 
 # reST markup of docstrings, rewritten as the CommonMark OpenAPI descriptions use.
@@ -232,7 +238,19 @@ def _error_response(status: int, codes: tuple[str, ...], op: Route) -> dict[str,
             {"type": "object", "properties": {"code": {"enum": list(codes)}}},
         ]
     }
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if status == 503:
+        response["headers"] = {"Retry-After": copy.deepcopy(_RETRY_AFTER)}
+    return response
+
+
+_RETRY_AFTER: dict[str, Any] = {
+    "description": "Whole seconds to wait before sending the same request again.",
+    "schema": {"type": "integer", "minimum": 1},
+}
 
 
 # Conditional reads: every 200 to a GET is tagged, and a matching tag is a 304.

@@ -32,6 +32,7 @@ from ..errors import (
     PayloadTooLarge,
     RateLimited,
     RefundExceedsCharge,
+    ServiceUnavailable,
     Unauthorized,
     ValidationError,
 )
@@ -64,6 +65,7 @@ STATUS: dict[type[CreditsError], int] = {
     RefundExceedsCharge: 422,
     BalanceLimitExceeded: 422,
     RateLimited: 429,
+    ServiceUnavailable: 503,
 }
 
 

@@ -35,6 +35,7 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     RefundExceedsCharge,
+    ServiceUnavailable,
     Unauthorized,
     ValidationError,
 )
@@ -75,9 +76,10 @@ __all__: list[str] = []
 # What each kind of route can answer besides success (and a 500, which any
 # route may). A read validates its query and authenticates; a write also
 # checks the scope, the Idempotency-Key and the body, and may meet a
-# concurrent duplicate of its key. IdempotencyConflict is listed per route:
-# a release's only valid body is empty, so its key can never meet another.
-READ_ERRORS = (ValidationError, Unauthorized)
+# concurrent duplicate of its key. Both reach the database, which may be
+# unavailable (503). IdempotencyConflict is listed per route: a release's
+# only valid body is empty, so its key can never meet another.
+READ_ERRORS = (ValidationError, Unauthorized, ServiceUnavailable)
 WRITE_ERRORS = (
     ValidationError,
     IdempotencyKeyRequired,
@@ -85,6 +87,7 @@ WRITE_ERRORS = (
     Forbidden,
     IdempotencyInProgress,
     PayloadTooLarge,
+    ServiceUnavailable,
 )
 
 
