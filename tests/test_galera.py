@@ -114,14 +114,24 @@ def test_cluster_has_three_synced_nodes_that_see_each_others_writes(galera, node
 # --- two nodes spending one balance ---------------------------------------------------
 
 
-@pytest.mark.parametrize("first", ["charge", "hold"])
-def test_cross_node_spend_and_hold_never_overdraw(galera, node_apps, node_engines, first):
-    """A charge (or hold) of 8 on node 1 and a hold of 8 on node 2, on a
-    balance of 10: exactly one succeeds, twenty times over."""
+@pytest.mark.parametrize(
+    ("first", "earlier_hold"), [("charge", False), ("hold", False), ("charge", True)]
+)
+def test_cross_node_spend_and_hold_never_overdraw(
+    galera, node_apps, node_engines, first, earlier_hold
+):
+    """A charge (or hold) of 8 on node 1 and a hold of 8 on node 2, on an
+    available 10: exactly one succeeds, twenty times over. With an earlier
+    pending hold the account's next due time is already set, so the new hold
+    has no due time to write there."""
     both = []
     for trial in range(TRIALS):
         user_id = new_user()
-        seed(galera, node_apps, user_id, 10)
+        seed(galera, node_apps, user_id, 11 if earlier_hold else 10)
+        if earlier_hold:
+            with node_apps[0].app_context():
+                current_ledger().hold(user_id, 1)
+            galera.catch_up()
 
         def spend(ledger: Any, kind: str = first, user_id: str = user_id) -> Any:
             if kind == "charge":
