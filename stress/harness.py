@@ -515,10 +515,11 @@ def run(config: RunConfig) -> Report:
                 killers.append(ConnectionKiller(admin_url(url), make_url(url).database))
             plan["connections"] = (_rotating(killers, rng), (0.4, 1.0))
         if galera:
-            if config.fault in ("nodes", "all"):
-                plan["nodes"] = (_NodeFaults(cluster, rng).kill_and_restart, (1.0, 2.0))
+            # Isolation first: a restarted node can take most of its phase.
             if config.fault in ("isolate", "all"):
                 plan["isolate"] = (_NodeFaults(cluster, rng).isolate_and_rejoin, (1.0, 2.0))
+            if config.fault in ("nodes", "all"):
+                plan["nodes"] = (_NodeFaults(cluster, rng).kill_and_restart, (1.0, 2.0))
         elif config.fault in ("workers", "all"):
             plan["workers"] = (WorkerKiller(servers[0].pid, rng).kill_once, (1.5, 2.5))
         if proxy is not None:
