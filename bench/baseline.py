@@ -36,6 +36,7 @@ UNITS_PER_USDC = 10_000_000
 IDEMPOTENCY_TTL = timedelta(seconds=86400)
 
 # store.debit(): the conditional relative update that locks the account row;
+# its guard is what is available (balance - held, the held total on the row);
 # it matches nothing while an event (an expiry, a hold's expiry, a scheduled
 # grant) is due on the account.
 CHARGE_UPDATE = (
@@ -43,7 +44,7 @@ CHARGE_UPDATE = (
     "last_seq=(credits.last_seq + %(last_seq_1)s::BIGINT), "
     "updated_at=%(p_now)s::TIMESTAMP WITHOUT TIME ZONE "
     "WHERE credits.user_id = %(p_user_id)s::VARCHAR "
-    "AND credits.balance_units >= %(p_units)s::BIGINT "
+    "AND credits.balance_units - credits.held_units >= %(p_units)s::BIGINT "
     "AND (credits.next_due_at IS NULL "
     "OR credits.next_due_at > %(p_now)s::TIMESTAMP WITHOUT TIME ZONE) "
     "RETURNING credits.balance_units, credits.last_seq"
@@ -158,42 +159,39 @@ _NEXT_EXPIRY_AT = "(SELECT min(credits_grants.expires_at) AS min_1 " + _ACTIVE_U
     n=3, m=1
 )
 
-# store.balance_row(): the balance read, the grants' figures in subqueries.
+# store.balance_row(): the balance read: the held total from the account
+# row, the grants' figures in subqueries.
 BALANCE_SELECT = (
     "SELECT credits.user_id, credits.balance_units, credits.created_at, "
-    "credits.updated_at, credits.next_due_at, "
-    "(SELECT coalesce(sum(credits_grants.held_units), %(coalesce_2)s::INTEGER) "
-    "AS coalesce_1 \nFROM credits_grants \n"
-    "WHERE credits_grants.user_id = %(p_user_id)s::VARCHAR) AS held_units, "
+    "credits.updated_at, credits.next_due_at, credits.held_units, "
     "(SELECT coalesce(sum(credits_grants.remaining_units + credits_grants.held_units), "
-    "%(coalesce_4)s::INTEGER) AS coalesce_3 \nFROM credits_grants \n"
+    "%(coalesce_2)s::INTEGER) AS coalesce_1 \nFROM credits_grants \n"
     "WHERE credits_grants.user_id = %(p_user_id)s::VARCHAR "
     "AND credits_grants.category = %(category_1)s::VARCHAR "
     "AND credits_grants.status != %(status_1)s::VARCHAR) AS paid_units, "
     "(SELECT coalesce(sum(credits_grants.remaining_units + credits_grants.held_units), "
-    "%(coalesce_6)s::INTEGER) AS coalesce_5 \nFROM credits_grants \n"
+    "%(coalesce_4)s::INTEGER) AS coalesce_3 \nFROM credits_grants \n"
     "WHERE credits_grants.user_id = %(p_user_id)s::VARCHAR "
     "AND credits_grants.category = %(category_2)s::VARCHAR "
     "AND credits_grants.status != %(status_2)s::VARCHAR) AS promotional_units, "
     + _NEXT_EXPIRY_AT
     + ") AS next_expiry_at, "
-    "(SELECT coalesce(sum(credits_grants.remaining_units), %(coalesce_8)s::INTEGER) "
-    "AS coalesce_7 " + _ACTIVE_UNHELD.format(n=4, m=2) + " "
+    "(SELECT coalesce(sum(credits_grants.remaining_units), %(coalesce_6)s::INTEGER) "
+    "AS coalesce_5 " + _ACTIVE_UNHELD.format(n=4, m=2) + " "
     "AND credits_grants.expires_at = " + _NEXT_EXPIRY_AT + ")) AS next_expiry_units \n"
     "FROM credits \n"
     "WHERE credits.user_id = %(p_user_id)s::VARCHAR"
 )
 _BALANCE_PARAMS = {
     "coalesce_2": 0,
-    "coalesce_4": 0,
     "category_1": "paid",
     "status_1": "scheduled",
-    "coalesce_6": 0,
+    "coalesce_4": 0,
     "category_2": "promotional",
     "status_2": "scheduled",
     "status_3": "active",
     "remaining_units_1": 0,
-    "coalesce_8": 0,
+    "coalesce_6": 0,
     "status_4": "active",
     "remaining_units_2": 0,
 }

@@ -431,6 +431,8 @@ def grants_problems(snap: Snapshot) -> list[str]:
     """The grants agree with the balance, the ledger and the holds, as written:
 
     - the balance is the sum of the non-scheduled grants' remaining + held;
+    - the account's held total is what the pending holds reserve, no more
+      than the balance;
     - the grants' held parts are the pinned amounts of the pending holds, and
       each pending hold pins exactly its amount;
     - each grant's amount = remaining + held + what debits drew from it + what
@@ -450,6 +452,14 @@ def grants_problems(snap: Snapshot) -> list[str]:
     )
     if live != balance:
         problems.append(f"balance {balance} != remaining + held of its grants {live}")
+    # The held total on the account row is what the pending holds reserve
+    # (expired ones too until their expiry is written), within the balance.
+    account_held = int(snap.accounts[0].held_units)
+    reserved = sum(int(h.amount_units) for h in snap.holds if h.status == "pending")
+    if account_held != reserved:
+        problems.append(f"account held_units {account_held} != pending holds reserve {reserved}")
+    if reserved > balance:
+        problems.append(f"pending holds reserve {reserved} of a balance of {balance}")
     scheduled = sum(int(g.amount_units) for g in snap.grants if g.status == "scheduled")
     if int(snap.accounts[0].scheduled_units) != scheduled:
         problems.append(

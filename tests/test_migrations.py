@@ -502,7 +502,7 @@ def test_upgrade_turns_balances_into_grants_and_pins_live_holds(empty_engine, us
     migrate.upgrade(empty_engine)
     after = _now()
 
-    assert migrate.current(empty_engine) == "0002"
+    assert migrate.current(empty_engine) == migrate.head()
     _assert_matches_models(empty_engine)
 
     holds_after = {row["id"]: row for row in _rows(empty_engine, HOLDS, "id")}
@@ -556,14 +556,19 @@ def test_upgrade_turns_balances_into_grants_and_pins_live_holds(empty_engine, us
     ]
 
     account_columns = {
-        row["user_id"]: (row["last_grant_number"], row["scheduled_units"], row["next_due_at"])
+        row["user_id"]: (
+            row["last_grant_number"],
+            row["scheduled_units"],
+            row["next_due_at"],
+            row["held_units"],
+        )
         for row in _rows(empty_engine, Account.__table__)
     }
     assert account_columns == {
-        zero: (0, 0, None),
-        plain: (1, 0, None),
-        held: (1, 0, live_soon["expires_at"]),
-        stale: (1, 0, None),
+        zero: (0, 0, None, 0),
+        plain: (1, 0, None, 0),
+        held: (1, 0, live_soon["expires_at"], 150),
+        stale: (1, 0, None, 0),
     }
 
     balances = _balances(empty_engine)
@@ -622,7 +627,7 @@ def test_upgrade_refuses_holds_beyond_the_balance(empty_engine, user_id):
 def test_downgrade_folds_grant_entries_into_adjustments(empty_engine, user_id):
     migrate.upgrade(empty_engine, "0001")
     schema_at_0001 = _schema(empty_engine)
-    migrate.upgrade(empty_engine)
+    migrate.upgrade(empty_engine, "0002")
     now = _now()
     first, second = f"{user_id}_first", f"{user_id}_second"
 
@@ -757,6 +762,8 @@ def test_downgrade_folds_grant_entries_into_adjustments(empty_engine, user_id):
 
     assert migrate.current(empty_engine) == migrate.head()
     _assert_matches_models(empty_engine)
+    held = {row["user_id"]: row["held_units"] for row in _rows(empty_engine, Account.__table__)}
+    assert held == {first: 40, second: 0}
     grants = {row["user_id"]: row for row in _rows(empty_engine, GRANTS)}
     assert {
         owner: (row["origin"], row["amount_units"], row["remaining_units"], row["held_units"])
@@ -766,3 +773,116 @@ def test_downgrade_folds_grant_entries_into_adjustments(empty_engine, user_id):
         (row["hold_id"], row["grant_id"], row["amount_units"])
         for row in _rows(empty_engine, ALLOCATIONS)
     ] == [(live_hold["id"], grants[first]["id"], 40)]
+
+
+# --- 0003: the held total on the account row ---------------------------------
+
+
+def _pin(user_id: str, hold: dict[str, Any], grant: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "entry_id": None,
+        "hold_id": hold["id"],
+        "position": 0,
+        "grant_id": grant["id"],
+        "amount_units": hold["amount_units"],
+    }
+
+
+def _held_at_0002(engine: Engine, user_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Accounts at ``0002`` with pending holds: live ones and one past its
+    expiry whose expiry is not yet written (it still counts as written)."""
+    now = _now()
+    busy, idle = f"{user_id}_busy", f"{user_id}_idle"
+    live = _hold(busy, "pending", 30, now + timedelta(hours=1))
+    stale = _hold(busy, "pending", 20, now - timedelta(minutes=5))
+    released = _hold(busy, "released", 15, now + timedelta(hours=1))
+    captured = _hold(idle, "captured", 5, now + timedelta(hours=1))
+    busy_grant = _grant_row(busy, 1, 100, remaining_units=50, held_units=50)
+    idle_grant = _grant_row(idle, 1, 7)
+    entries = [
+        _entry(busy, 1, "topup", 100, 100, grant_id=busy_grant["id"]),
+        _entry(idle, 1, "topup", 7, 7, grant_id=idle_grant["id"]),
+    ]
+    busy_grant["transaction_id"] = entries[0]["id"]
+    idle_grant["transaction_id"] = entries[1]["id"]
+    accounts = [
+        {
+            **_account(busy, 100),
+            "last_seq": 1,
+            "last_grant_number": 1,
+            "next_due_at": stale["expires_at"],
+        },
+        {**_account(idle, 7), "last_seq": 1, "last_grant_number": 1, "next_due_at": None},
+    ]
+    with engine.begin() as conn:
+        conn.execute(sa.table("credits", *(sa.column(k) for k in accounts[0])).insert(), accounts)
+        conn.execute(GRANTS.insert(), [busy_grant, idle_grant])
+        conn.execute(LEDGER.insert(), entries)
+        conn.execute(HOLDS.insert(), [live, stale, released, captured])
+        conn.execute(
+            ALLOCATIONS.insert(),
+            [_pin(busy, live, busy_grant), _pin(busy, stale, busy_grant)],
+        )
+    return {"busy": busy, "idle": idle}, {"live": live, "stale": stale}
+
+
+def test_0003_fills_the_held_total_from_pending_holds_and_drops_it(empty_engine, user_id):
+    migrate.upgrade(empty_engine, "0002")
+    schema_at_0002 = _schema(empty_engine)
+    users, holds = _held_at_0002(empty_engine, user_id)
+    balances = _balances(empty_engine)
+
+    migrate.upgrade(empty_engine)
+
+    assert migrate.current(empty_engine) == "0003"
+    _assert_matches_models(empty_engine)
+    held = {row["user_id"]: row["held_units"] for row in _rows(empty_engine, Account.__table__)}
+    # Pending as written, the hold past its expiry included (its pins are
+    # still on the grant until the expiry is written); resolved holds not.
+    assert held == {users["busy"]: 50, users["idle"]: 0}
+    assert _balances(empty_engine) == balances
+
+    # The constraints: never below zero, never above the balance.
+    accounts = Account.__table__
+    for value in (-1, 101):
+        with pytest.raises(_check_violation(empty_engine)), empty_engine.begin() as conn:
+            conn.execute(
+                accounts.update()
+                .where(accounts.c.user_id == users["busy"])
+                .values(held_units=value)
+            )
+
+    migrate.downgrade(empty_engine, "0002")
+
+    assert migrate.current(empty_engine) == "0002"
+    assert _schema(empty_engine) == schema_at_0002
+    assert _balances(empty_engine) == balances
+    assert sum(row["held_units"] for row in _rows(empty_engine, GRANTS)) == 50
+
+    # On to 0001: the hold past its expiry is written by the 0002 downgrade,
+    # on a schema that no longer has the held total.
+    migrate.downgrade(empty_engine, "0001")
+
+    statuses = {row["id"]: row["status"] for row in _rows(empty_engine, HOLDS)}
+    assert statuses[holds["stale"]["id"]] == "expired"
+    assert statuses[holds["live"]["id"]] == "pending"
+    assert _balances(empty_engine) == balances
+    assert _ledger_sums(empty_engine) == balances
+
+
+def test_0003_refuses_holds_beyond_the_balance(empty_engine, user_id):
+    migrate.upgrade(empty_engine, "0002")
+    users, _ = _held_at_0002(empty_engine, user_id)
+    with empty_engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE credits SET balance_units = 40 WHERE user_id = :user_id"),
+            {"user_id": users["busy"]},
+        )
+    schema_at_0002 = _schema(empty_engine)
+
+    with pytest.raises(RuntimeError, match=rf"user '{users['busy']}': 50 units held, balance 40"):
+        migrate.upgrade(empty_engine)
+
+    assert migrate.current(empty_engine) == "0002"
+    assert _schema(empty_engine) == schema_at_0002

@@ -27,6 +27,7 @@ SHIPPED = [
     "callora_credits/migrations/versions/__init__.py",
     "callora_credits/migrations/versions/0001_initial.py",
     "callora_credits/migrations/versions/0002_grants.py",
+    "callora_credits/migrations/versions/0003_held_total.py",
 ]
 # Anything below these is not part of the package.
 SOURCE_ONLY = (".git", ".venv", "build", "dist", "tests", "examples", "docs", "bench")

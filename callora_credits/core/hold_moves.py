@@ -34,8 +34,15 @@ class HoldMoves(Moves):
     """Placing, capturing and releasing holds."""
 
     def _create_hold(self, op: CreateHold) -> Hold:
-        account = self._lock(op.user_id)
-        if account is None:
+        expires_at = utc(self.now + timedelta(seconds=op.ttl_seconds))
+        # One conditional update reserves the amount on the account row (and
+        # brings its next due time forward to the hold's expiry): what is
+        # available is checked where it is changed.
+        expiry = naive(expires_at)
+        reserved = store.hold(self.conn, op.user_id, op.amount_units, self.now, expiry)
+        if not reserved and self._settle_if_due(op.user_id):
+            reserved = store.hold(self.conn, op.user_id, op.amount_units, self.now, expiry)
+        if not reserved:
             raise InsufficientCredits()
         pins = self._draw(op.user_id, op.amount_units, pin=True)
         hold = Hold(
@@ -44,7 +51,7 @@ class HoldMoves(Moves):
             status="pending",
             amount_units=op.amount_units,
             captured_units=0,
-            expires_at=utc(self.now + timedelta(seconds=op.ttl_seconds)),
+            expires_at=expires_at,
             created_at=utc(self.now),
             resolved_at=None,
             transaction_id=None,
@@ -60,9 +67,6 @@ class HoldMoves(Moves):
         grant_rows.insert_allocations(
             self.conn, op.user_id, [(grant.id, units) for grant, units in pins], hold_id=hold.id
         )
-        expiry = naive(hold.expires_at)
-        if account.next_due_at is None or account.next_due_at > expiry:
-            store.bring_due_forward(self.conn, op.user_id, expiry)
         self._after_commit(signals.hold_created, hold=hold)
         return hold
 
@@ -109,7 +113,9 @@ class HoldMoves(Moves):
         entry: Entry | None = None
         hold = Hold.from_row(row)
         if units > 0:
-            moved = self._take(user_id, units)
+            # The capture spends from the hold's own reservation, released
+            # whole in the same statement.
+            moved = self._take(user_id, units, release=amount)
             for grant, part in spent:
                 grant_rows.move_grant(self.conn, grant.id, held=-part)
             entry = self._entry(
@@ -125,6 +131,8 @@ class HoldMoves(Moves):
             )
             self._balance_signals(user_id, moved[0] + units, moved[0])
             hold_rows.set_hold_transaction(self.conn, op.hold_id, entry.id)
+        else:
+            store.release(self.conn, user_id, amount)
         for grant, part in rest:
             if grant.dead:
                 grant_rows.move_grant(self.conn, grant.id, held=-part)

@@ -305,11 +305,12 @@ class Moves:
             raise
         return grant
 
-    def _take(self, user_id: str, units: int) -> tuple[int, int]:
-        """Take ``units`` off the balance (settling first if something is due)."""
-        moved = store.debit(self.conn, user_id, units, self.now)
+    def _take(self, user_id: str, units: int, *, release: int = 0) -> tuple[int, int]:
+        """Take ``units`` off the balance (settling first if something is due);
+        ``release``: they come out of a hold of that amount, captured."""
+        moved = store.debit(self.conn, user_id, units, self.now, release=release)
         if moved is None and self._settle_if_due(user_id):
-            moved = store.debit(self.conn, user_id, units, self.now)
+            moved = store.debit(self.conn, user_id, units, self.now, release=release)
         if moved is None:
             raise InsufficientCredits()
         return moved

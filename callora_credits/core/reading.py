@@ -1,9 +1,11 @@
 """Reads that are exact at an instant without writing.
 
 A balance or grant read while nothing is due on the account comes from the
-rows as written (the balance in one statement). Once something has fallen
-due and is not yet written, the read applies the due events to copies
-(:func:`~.settlement.project`) and shows the result; nothing is written.
+rows as written (the balance in one statement, its held part the account
+row's held total). Once something has fallen due and is not yet written (a
+hold's expiry among them, which the held total still counts), the read
+applies the due events to copies (:func:`~.settlement.project`) and shows
+the result, held included; nothing is written.
 """
 
 from __future__ import annotations

@@ -44,8 +44,9 @@ def reconcile(engine: Engine, user_id: str | None = None) -> ReconcileReport:
     run 1, 2, 3… to the account's ``last_seq``, and each entry's
     ``balance_after`` must be the previous one plus its amount, never below
     zero. The grants must explain the balance too: it equals the remaining
-    and held parts of its grants that have started; the held parts are what
-    pending holds reserve; every debit and refund written since grants came
+    and held parts of its grants that have started; the held parts, and the
+    account's held total, are what pending holds reserve, never more than
+    the balance; every debit and refund written since grants came
     in has allocations adding up to its amount; and each grant's amount is
     its remaining + held + what debits drew from it and its expiration and
     void entries took out, less what refunds gave back. Reads one snapshot
@@ -58,11 +59,12 @@ def reconcile(engine: Engine, user_id: str | None = None) -> ReconcileReport:
             a.c.user_id,
             a.c.balance_units,
             a.c.last_seq,
+            a.c.held_units,
             func.coalesce(func.sum(t.c.amount_units), 0).label("total"),
             func.count(t.c.id).label("entries"),
         )
         .select_from(a.outerjoin(t, t.c.user_id == a.c.user_id))
-        .group_by(a.c.user_id, a.c.balance_units, a.c.last_seq)
+        .group_by(a.c.user_id, a.c.balance_units, a.c.last_seq, a.c.held_units)
     )
     chain = select(t.c.user_id, t.c.seq, t.c.amount_units, t.c.balance_after_units).order_by(
         t.c.user_id, t.c.seq
@@ -76,9 +78,11 @@ def reconcile(engine: Engine, user_id: str | None = None) -> ReconcileReport:
             conn = plain.execution_options(isolation_level="REPEATABLE READ")
         conn.begin()
         known: dict[str, int] = {}
+        held: dict[str, int] = {}
         for row in conn.execute(totals):
             report.accounts += 1
             known[row.user_id] = int(row.balance_units)
+            held[row.user_id] = int(row.held_units)
             if int(row.total) != int(row.balance_units):
                 report.mismatches.append(
                     Mismatch(
@@ -119,12 +123,12 @@ def reconcile(engine: Engine, user_id: str | None = None) -> ReconcileReport:
                     )
                 )
                 running = int(row.balance_after_units)
-        report.mismatches += _grant_problems(conn, user_id, known)
+        report.mismatches += _grant_problems(conn, user_id, known, held)
     return report
 
 
 def _grant_problems(
-    conn: Connection, user_id: str | None, balances: dict[str, int]
+    conn: Connection, user_id: str | None, balances: dict[str, int], account_held: dict[str, int]
 ) -> list[Mismatch]:
     g, al, t, h = grants, allocations, entries, holds
 
@@ -158,6 +162,23 @@ def _grant_problems(
         h.c.user_id,
     )
     pending = {row[0]: int(row[1]) for row in conn.execute(reserved)}
+    for user, total in account_held.items():
+        if total != pending.get(user, 0):
+            found.append(
+                Mismatch(
+                    user,
+                    f"held total {format_units(total)} != what pending holds reserve "
+                    f"{format_units(pending.get(user, 0))}",
+                )
+            )
+        if pending.get(user, 0) > balances[user]:
+            found.append(
+                Mismatch(
+                    user,
+                    f"pending holds reserve {format_units(pending[user])}, more than the "
+                    f"balance {format_units(balances[user])}",
+                )
+            )
     for user in set(pending) | set(held):
         if pending.get(user, 0) != held.get(user, 0):
             found.append(

@@ -76,10 +76,14 @@ def settle(
     now: datetime,
     new_id: Callable[[str], str],
     after_commit: Callable[..., None],
+    *,
+    held_total: bool = True,
 ) -> int:
     """Write every event due at ``now`` on the locked ``account`` row.
 
     ``after_commit(signal_name, **kwargs)`` is told of the signals to send.
+    The account's held total becomes its grants' held parts after the events
+    (``held_total`` false: the schema has none yet, in a migration).
     Returns how many events were due (a hold expiry whose pins all go back
     to live grants writes no entry, but is one).
     """
@@ -147,6 +151,7 @@ def settle(
         last_seq=seq,
         scheduled_units=scheduled,
         next_due_at=due,
+        held_units=projection.held_units if held_total else None,
         now=now,
     )
     if written:
@@ -154,9 +159,14 @@ def settle(
     return len(projection.events)
 
 
-def settle_all(conn: Connection, now: datetime, batch: int = 500) -> int:
+def settle_all(
+    conn: Connection, now: datetime, batch: int = 500, *, held_total: bool = True
+) -> int:
     """Write every event due at ``now`` (naive UTC) on every account, on one
-    connection (a migration's); no signals. Returns how many events."""
+    connection (a migration's); no signals. Returns how many events.
+
+    ``held_total`` false: the accounts have no held total yet (a schema
+    before ``0003``)."""
     from .posting import new_id
 
     total = 0
@@ -169,4 +179,12 @@ def settle_all(conn: Connection, now: datetime, batch: int = 500) -> int:
             done.add(user_id)
             account = store.lock_account(conn, user_id)
             if account is not None and account.next_due_at is not None:
-                total += settle(conn, user_id, account, now, new_id, lambda *_, **__: None)
+                total += settle(
+                    conn,
+                    user_id,
+                    account,
+                    now,
+                    new_id,
+                    lambda *_, **__: None,
+                    held_total=held_total,
+                )

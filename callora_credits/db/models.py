@@ -73,6 +73,8 @@ class Account(Base):
     __table_args__ = (
         CheckConstraint("balance_units >= 0", name="balance_nonnegative"),
         CheckConstraint("last_seq >= 0", name="last_seq_nonnegative"),
+        CheckConstraint("held_units >= 0", name="held_nonnegative"),
+        CheckConstraint("held_units <= balance_units", name="held_within_balance"),
         _MARIADB_TABLE,
     )
 
@@ -91,6 +93,11 @@ class Account(Base):
     scheduled_units: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     #: The ``number`` of the account's newest grant (creation order).
     last_grant_number: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    #: What the pending holds reserve, as written: the sum of the grants'
+    #: held parts. Every hold, capture, release and hold expiry changes it in
+    #: the statement that guards the balance, so available (balance - held)
+    #: is checked and changed on this one row.
+    held_units: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
 
 class LedgerEntry(Base):

@@ -37,11 +37,13 @@ __all__ = [
     "credit",
     "debit",
     "entries",
+    "hold",
     "holds",
     "idempotency",
     "insert_account_if_missing",
     "insert_entry",
     "lock_account",
+    "release",
     "violates",
 ]
 
@@ -125,7 +127,7 @@ _BALANCE_ROW = PreparedStatement(
         accounts.c.created_at,
         accounts.c.updated_at,
         accounts.c.next_due_at,
-        _grant_sum(_grants.c.held_units).label("held_units"),
+        accounts.c.held_units,
         _grant_sum(
             _grants.c.remaining_units + _grants.c.held_units,
             _grants.c.category == "paid",
@@ -148,8 +150,10 @@ _BALANCE_ROW = PreparedStatement(
 
 
 def balance_row(conn: Connection, user_id: str) -> Any:
-    """The account with its grants' figures as written, in one statement;
-    ``None`` if absent. Exact at ``now`` while ``next_due_at`` is later."""
+    """The account (its held total included) with its grants' figures as
+    written, in one statement; ``None`` if absent. Exact at ``now`` while
+    ``next_due_at`` is later: until then no pending hold has expired, so the
+    held total is what the live holds reserve."""
     return _BALANCE_ROW.first(conn, {"p_user_id": user_id})
 
 
@@ -211,11 +215,17 @@ def _nothing_due() -> ColumnElement[bool]:
     return or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at > _P_NOW)
 
 
+_P_RELEASE = bindparam("p_release", type_=accounts.c.held_units.type)
+
+# The guard is on what is available, balance - held, read and changed in the
+# one statement that writes the row: the row every engine's write-conflict
+# detection (and a Galera cluster's certification) sees, so a hold and a
+# charge arriving on two nodes at once cannot both pass it.
 _DEBIT = (
     update(accounts)
     .where(
         accounts.c.user_id == _P_USER,
-        accounts.c.balance_units >= _P_UNITS,
+        accounts.c.balance_units - accounts.c.held_units >= _P_UNITS,
         _nothing_due(),
     )
     .values(
@@ -228,10 +238,37 @@ _DEBIT_RETURNING = PreparedStatement(
     _DEBIT.returning(accounts.c.balance_units, accounts.c.last_seq)
 )
 _DEBIT_COUNTED = PreparedStatement(_DEBIT)
+# A capture spends ``p_units`` of what a hold reserved and releases the whole
+# hold (``p_release``) in one statement: available never drops.
+_CAPTURE = (
+    update(accounts)
+    .where(
+        accounts.c.user_id == _P_USER,
+        accounts.c.held_units >= _P_RELEASE,
+        _nothing_due(),
+    )
+    .values(
+        balance_units=accounts.c.balance_units - _P_UNITS,
+        held_units=accounts.c.held_units - _P_RELEASE,
+        last_seq=accounts.c.last_seq + 1,
+        updated_at=_P_NOW,
+    )
+)
+_CAPTURE_RETURNING = PreparedStatement(
+    _CAPTURE.returning(accounts.c.balance_units, accounts.c.last_seq)
+)
+_CAPTURE_COUNTED = PreparedStatement(_CAPTURE)
 
 
-def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[int, int] | None:
-    """Take ``units`` from the balance unless it would go below zero.
+def debit(
+    conn: Connection, user_id: str, units: int, now: datetime, *, release: int = 0
+) -> tuple[int, int] | None:
+    """Take ``units`` from the balance unless what is available (balance -
+    held) does not cover them.
+
+    With ``release``, the units were reserved by a hold of ``release`` units
+    being captured: the hold's whole amount leaves the held total in the same
+    statement, and the guard is that it is there to release.
 
     One conditional relative update that also advances ``last_seq`` and locks
     the row. Returns ``(balance_after, seq)``, or ``None`` when the balance is
@@ -239,10 +276,14 @@ def debit(conn: Connection, user_id: str, units: int, now: datetime) -> tuple[in
     settles and tries again).
     """
     params = {"p_user_id": user_id, "p_units": units, "p_now": now}
+    returning, counted = _DEBIT_RETURNING, _DEBIT_COUNTED
+    if release:
+        params["p_release"] = release
+        returning, counted = _CAPTURE_RETURNING, _CAPTURE_COUNTED
     if not is_mysql(conn):
-        row = _DEBIT_RETURNING.first(conn, params)
+        row = returning.first(conn, params)
         return None if row is None else (int(row[0]), int(row[1]))
-    if _DEBIT_COUNTED.rowcount(conn, params) != 1:
+    if counted.rowcount(conn, params) != 1:
         return None
     locked = lock_account(conn, user_id)
     assert locked is not None
@@ -265,6 +306,43 @@ def _sooner_due(due: Any = _P_DUE) -> Any:
             due,
         ),
         else_=accounts.c.next_due_at,
+    )
+
+
+_HOLD = PreparedStatement(
+    update(accounts)
+    .where(
+        accounts.c.user_id == _P_USER,
+        accounts.c.balance_units - accounts.c.held_units >= _P_UNITS,
+        _nothing_due(),
+    )
+    .values(
+        held_units=accounts.c.held_units + _P_UNITS,
+        next_due_at=_sooner_due(),
+    )
+)
+
+
+def hold(conn: Connection, user_id: str, units: int, now: datetime, expires_at: datetime) -> bool:
+    """Reserve ``units`` of what is available for a hold expiring at
+    ``expires_at``, and bring the next due time forward to it.
+
+    One conditional relative update, which locks the row. ``False`` when what
+    is available (balance - held) does not cover ``units``, the account does
+    not exist, or something is due on it (the caller settles and tries
+    again).
+    """
+    params = {"p_user_id": user_id, "p_units": units, "p_now": now, "p_due": expires_at}
+    return _HOLD.rowcount(conn, params) == 1
+
+
+def release(conn: Connection, user_id: str, units: int) -> None:
+    """Give back ``units`` a hold reserved (under the account's lock; the
+    CHECK constraint refuses a held total below zero)."""
+    conn.execute(
+        update(accounts)
+        .where(accounts.c.user_id == user_id)
+        .values(held_units=accounts.c.held_units - units)
     )
 
 
@@ -426,32 +504,23 @@ def settle_account(
     last_seq: int,
     scheduled_units: int,
     next_due_at: datetime | None,
+    held_units: int | None,
     now: datetime,
 ) -> None:
-    """Write an account's figures after its due events (under its lock)."""
-    conn.execute(
-        update(accounts)
-        .where(accounts.c.user_id == user_id)
-        .values(
-            balance_units=balance_units,
-            last_seq=last_seq,
-            scheduled_units=scheduled_units,
-            next_due_at=next_due_at,
-            updated_at=now,
-        )
-    )
+    """Write an account's figures after its due events (under its lock).
 
-
-def bring_due_forward(conn: Connection, user_id: str, due: datetime) -> None:
-    """Make the account's next due time no later than ``due``."""
-    conn.execute(
-        update(accounts)
-        .where(
-            accounts.c.user_id == user_id,
-            or_(accounts.c.next_due_at.is_(None), accounts.c.next_due_at > due),
-        )
-        .values(next_due_at=due)
-    )
+    ``held_units`` ``None``: the schema predates the held total (a
+    migration's downgrade settles through here)."""
+    values: dict[str, Any] = {
+        "balance_units": balance_units,
+        "last_seq": last_seq,
+        "scheduled_units": scheduled_units,
+        "next_due_at": next_due_at,
+        "updated_at": now,
+    }
+    if held_units is not None:
+        values["held_units"] = held_units
+    conn.execute(update(accounts).where(accounts.c.user_id == user_id).values(**values))
 
 
 def schedule(

@@ -121,10 +121,11 @@ def downgrade() -> None:
     conn = op.get_bind()
     # Writes every event due by now (hold expiries, activations, expiries)
     # with its ledger entry, so what is folded back is the balance of now.
-    # The library that ships this revision has the code that does it.
+    # The library that ships this revision has the code that does it; the
+    # held total on the account row came later and is gone by now.
     from callora_credits.core.settlement import settle_all
 
-    settle_all(conn, _utcnow())
+    settle_all(conn, _utcnow(), held_total=False)
     _fold_grant_entries_into_adjustments(conn)
     _drop_schema()
 
