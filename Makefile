@@ -30,7 +30,7 @@ docs: $(STAMP)
 # server that answers (under CI=true, one that does not is a failure).
 test: $(STAMP) lint typecheck docs
 	@urls=$$($(PY) scripts/db_urls.py) || exit 1; eval "$$urls"; \
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -42,13 +42,18 @@ clean:
 # engine through gunicorn, faults rotating (connections terminated, workers
 # SIGKILLed, the database unreachable), every invariant checked at the end.
 # STRESS_ENGINES: postgresql, mysql, pgbouncer (PostgreSQL through a PgBouncer
-# in transaction pooling mode), e.g. make stress STRESS_ENGINES=pgbouncer
+# in transaction pooling mode), galera (a three-node MariaDB Galera cluster of
+# its own; faults: connections killed, a node SIGKILLed and restarted, a node
+# isolated), e.g. make stress STRESS_ENGINES=pgbouncer, or make stress-galera
 STRESS_ENGINES ?= postgresql mysql pgbouncer
 STRESS_ARGS ?= --seconds 180 --clients 3 --threads 3 --workers 4 --fault all --phase-seconds 20
-.PHONY: stress
+.PHONY: stress stress-galera
 stress: $(STAMP)
 	@urls=$$($(PY) scripts/db_urls.py) || exit 1; eval "$$urls"; \
 	$(PY) -m stress.run $(foreach engine,$(STRESS_ENGINES),--engine $(engine)) $(STRESS_ARGS)
+
+stress-galera: $(STAMP)
+	$(PY) -m stress.run --engine galera $(STRESS_ARGS)
 
 # Benchmarks against same-run baselines (PostgreSQL at 127.0.0.1:5432); not
 # part of `make test`. See docs/benchmarks.md.

@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-FAULTS = ("none", "connections", "workers", "outage", "all")
+FAULTS = ("none", "connections", "workers", "outage", "nodes", "isolate", "all")
 DEFAULT_SERVERS = {
     "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
     "mysql": "mysql+pymysql://root@127.0.0.1:3306/",
@@ -70,7 +70,9 @@ SERVER_ENV = {"postgresql": "CREDITS_TEST_POSTGRES_URL", "mysql": "CREDITS_TEST_
 #: Engines that run on another's server: the app reaches PostgreSQL through a
 #: PgBouncer in transaction pooling mode (stress/pgbouncer.py).
 THROUGH = {"pgbouncer": "postgresql"}
-ENGINES = (*SERVER_ENV, *THROUGH)
+#: A three-node Galera cluster of its own (``tests/galera.py``), a host per node.
+GALERA = "galera"
+ENGINES = (*SERVER_ENV, *THROUGH, GALERA)
 #: Server connections of the bouncer per database and user: fewer than the
 #: app's connections, so transactions move between server connections.
 BOUNCER_POOL_SIZE = 4
@@ -430,35 +432,53 @@ def run(config: RunConfig) -> Report:
     report = Report(engine=config.engine, fault=config.fault, seconds=config.seconds)
     report.log_path = str(artifacts / "gunicorn.log")
 
-    own_database = config.database_url is None
-    database_url = config.database_url or create_database(config.engine)
+    galera = config.engine == GALERA
+    cluster: Any = None
+    if galera:
+        cluster = _start_cluster(report)
+        database_url = cluster.urls()[0]
+        own_database = False
+    else:
+        own_database = config.database_url is None
+        database_url = config.database_url or create_database(config.engine)
     proxy: TcpProxy | None = None
     bouncer: PgBouncer | None = None
-    server: Server | None = None
-    killer: ConnectionKiller | None = None
+    servers: list[Server] = []
+    killers: list[ConnectionKiller] = []
     injector: FaultInjector | None = None
     processes: list[multiprocessing.process.BaseProcess] = []
     try:
         parsed = make_url(database_url)
         default_port = 3306 if parsed.get_backend_name() == "mysql" else 5432
         upstream = (parsed.host or "127.0.0.1", parsed.port or default_port)
-        if config.fault in ("outage", "all"):
+        if config.fault in ("outage", "all") and not galera:
             proxy = TcpProxy(*upstream)
             proxy.start()
             upstream = ("127.0.0.1", proxy.port)
         if config.engine in THROUGH:
             # The app -> PgBouncer -> (the outage proxy ->) PostgreSQL.
             bouncer = PgBouncer(*upstream, pool_size=BOUNCER_POOL_SIZE).start()
-        server = Server(
-            bouncer.url(database_url) if bouncer is not None else _app_url(database_url, proxy),
-            workers=config.workers,
-            threads=config.worker_threads,
-            log_path=artifacts / "gunicorn.log",
-            secret=DEFAULT_JWT_SECRET,
-            db_retry_seconds=config.db_retry_seconds,
-        )
+        if galera:
+            node_urls = cluster.urls()
+        elif bouncer is not None:
+            node_urls = [bouncer.url(database_url)]
+        else:
+            node_urls = [_app_url(database_url, proxy)]
         mark = time.monotonic()
-        server.start()
+        for number, url in enumerate(node_urls):
+            # On the cluster: one host per node, the workers shared out.
+            servers.append(
+                Server(
+                    url,
+                    workers=max(1, config.workers // len(node_urls)),
+                    threads=config.worker_threads,
+                    log_path=artifacts
+                    / ("gunicorn.log" if number == 0 else f"gunicorn-{number + 1}.log"),
+                    secret=DEFAULT_JWT_SECRET,
+                    db_retry_seconds=config.db_retry_seconds,
+                )
+            )
+            servers[-1].start()
         report.phases["server start"] = time.monotonic() - mark
 
         start_at = time.time() + 1.5  # spawned clients import first, then start together
@@ -469,7 +489,7 @@ def run(config: RunConfig) -> Report:
         for index in range(config.clients):
             client_config = ClientConfig(
                 host="127.0.0.1",
-                port=server.port,
+                port=servers[index % len(servers)].port,
                 prefix=prefix,
                 hot_users=hot,
                 cold_users=cold,
@@ -489,12 +509,19 @@ def run(config: RunConfig) -> Report:
             process.start()
             processes.append(process)
 
-        plan = {}
+        plan: dict[str, Any] = {}
         if config.fault in ("connections", "all"):
-            killer = ConnectionKiller(admin_url(database_url), make_url(database_url).database)
-            plan["connections"] = (killer.kill_once, (0.4, 1.0))
-        if config.fault in ("workers", "all"):
-            plan["workers"] = (WorkerKiller(server.pid, rng).kill_once, (1.5, 2.5))
+            for url in cluster.urls() if galera else [database_url]:
+                killers.append(ConnectionKiller(admin_url(url), make_url(url).database))
+            plan["connections"] = (_rotating(killers, rng), (0.4, 1.0))
+        if galera:
+            # Isolation first: a restarted node can take most of its phase.
+            if config.fault in ("isolate", "all"):
+                plan["isolate"] = (_NodeFaults(cluster, rng).isolate_and_rejoin, (1.0, 2.0))
+            if config.fault in ("nodes", "all"):
+                plan["nodes"] = (_NodeFaults(cluster, rng).kill_and_restart, (1.0, 2.0))
+        elif config.fault in ("workers", "all"):
+            plan["workers"] = (WorkerKiller(servers[0].pid, rng).kill_once, (1.5, 2.5))
         if proxy is not None:
             outage = config.outage_seconds
             plan["outage"] = (lambda: proxy.outage(outage), (1.5, 3.0))
@@ -526,13 +553,24 @@ def run(config: RunConfig) -> Report:
             elif process.exitcode != 0:
                 report.client_problems.append(f"{process.name} exited with {process.exitcode}")
         mark = time.monotonic()
-        server.stop()
+        for each in servers:
+            each.stop()
         report.phases["server stop"] = time.monotonic() - mark
-        _read_server_log(report, server.log_text())
+        logs = "\n".join(each.log_text() for each in servers)
+        _read_server_log(report, logs)
         records = _read_clients(report, artifacts, config.clients)
-        _explain_server_errors(report, server.log_text())
+        _explain_server_errors(report, logs)
         mark = time.monotonic()
-        verify(database_url, prefix, records, report)
+        if galera:
+            # Every node holds every row: each is checked on its own, and
+            # their tables compared.
+            cluster.wait_synced()
+            cluster.catch_up()
+            for url in cluster.urls():
+                verify(url, prefix, records, report)
+            report.client_problems.extend(_cluster_differences(cluster))
+        else:
+            verify(database_url, prefix, records, report)
         report.phases["verify"] = time.monotonic() - mark
         if config.run_cli_reconcile:
             report.reconcile += "; " + _cli_reconcile(database_url, report)
@@ -543,9 +581,9 @@ def run(config: RunConfig) -> Report:
             if process.is_alive():
                 process.kill()
                 process.join(5)
-        if server is not None:
-            server.stop()
-        if killer is not None:
+        for each in servers:
+            each.stop()
+        for killer in killers:
             killer.close()
         if bouncer is not None:
             bouncer.stop()
@@ -553,8 +591,83 @@ def run(config: RunConfig) -> Report:
             proxy.stop()
         if own_database:
             drop_database(database_url)
+        if cluster is not None:
+            cluster.stop()
     report.elapsed = time.monotonic() - started
     return report
+
+
+def _start_cluster(report: Report) -> Any:
+    """The three-node Galera cluster of ``tests/galera.py``, started and migrated."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from galera import GaleraCluster, prerequisites
+
+    missing = prerequisites()
+    if missing is not None:
+        raise RuntimeError(f"cannot run the Galera cluster: {missing}")
+    mark = time.monotonic()
+    cluster = GaleraCluster()
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    report.phases["cluster start"] = time.monotonic() - mark
+    return cluster
+
+
+def _rotating(killers: list[ConnectionKiller], rng: random.Random) -> Any:
+    """Kill the connections of one node (at random) at a time."""
+    return lambda: rng.choice(killers).kill_once()
+
+
+class _NodeFaults:
+    """Node faults on the cluster: one node at a time, back before the next."""
+
+    def __init__(self, cluster: Any, rng: random.Random) -> None:
+        self.cluster = cluster
+        self.rng = rng
+
+    def kill_and_restart(self) -> int:
+        index = self.rng.randrange(len(self.cluster.nodes))
+        self.cluster.kill(index)
+        time.sleep(1.0)
+        self.cluster.restart(index)
+        return 1
+
+    def isolate_and_rejoin(self) -> int:
+        index = self.rng.randrange(len(self.cluster.nodes))
+        self.cluster.isolate(index)
+        time.sleep(1.0)
+        self.cluster.rejoin(index)
+        return 1
+
+
+#: The tables compared across nodes after a cluster run.
+_TABLES = (
+    "credits",
+    "credits_transactions",
+    "credits_holds",
+    "credits_grants",
+    "credits_allocations",
+    "credits_idempotency",
+)
+
+
+def _cluster_differences(cluster: Any) -> list[str]:
+    """Tables whose checksum differs between node 1 and another node."""
+    sums = []
+    for index in range(len(cluster.nodes)):
+        rows = cluster.sql(
+            index, "CHECKSUM TABLE " + ", ".join(f"{cluster.database}.{t}" for t in _TABLES)
+        )
+        sums.append({str(name): value for name, value in rows})
+    return [
+        f"node{index + 1}: {table} differs from node1's"
+        for index in range(1, len(sums))
+        for table, value in sums[index].items()
+        if value != sums[0].get(table)
+    ]
 
 
 def _read_server_log(report: Report, text: str) -> None:

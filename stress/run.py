@@ -3,11 +3,14 @@
     python -m stress.run --engine postgresql --seconds 20 --clients 2 --workers 4
     python -m stress.run --engine mysql --fault all --seconds 240
     python -m stress.run --engine pgbouncer --fault all --seconds 60
+    python -m stress.run --engine galera --fault all --seconds 120
 
 Creates a fresh database on the engine's server (``CREDITS_TEST_POSTGRES_URL``
 / ``CREDITS_TEST_MYSQL_URL``, or the local defaults), migrates it, runs the
 stress host under gunicorn against it (``pgbouncer``: PostgreSQL through a
-PgBouncer in transaction pooling mode started for the run), drives it from
+PgBouncer in transaction pooling mode started for the run; ``galera``: a
+three-node cluster of its own, a host per node, clients spread over them),
+drives it from
 client processes (optionally while injecting faults), checks every
 invariant, prints a summary, drops the database. Exits 1 if any check failed.
 """

@@ -331,3 +331,69 @@ def redis_prefix() -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep ``xdist_group`` tests on one worker under ``--dist loadgroup``.
+
+    pytest-xdist names a test's group by appending ``@group`` to its node id
+    through ``item._nodeid``; pytest 9 reads the id from ``item._id`` instead,
+    so the suffix is lost and the group is spread over the workers. This
+    sets it where pytest reads it (a no-op where xdist's own rename works).
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import coerce_node_id
+    except ImportError:  # an older pytest, where xdist's rename works
+        return
+    for item in items:
+        names = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        if names and "@" not in item.nodeid.rsplit("]", 1)[-1] and hasattr(item, "_id"):
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
+@pytest.fixture(scope="session")
+def galera() -> Iterator[Any]:
+    """A three-node MariaDB Galera cluster with a migrated database (see
+    ``tests/galera.py``), started once, for the tests that ask for it.
+
+    Skipped when this machine cannot run one, except under ``CI=true``.
+    Tests using it carry ``pytest.mark.xdist_group("galera")`` so that one
+    worker runs them all against one cluster.
+    """
+    from galera import GaleraCluster, prerequisites
+
+    missing = prerequisites()
+    if missing is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the Galera cluster cannot run: {missing}")
+        pytest.skip(f"no Galera cluster: {missing}")
+    cluster = GaleraCluster()
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture
+def node_apps(galera: Any) -> Iterator[list[Flask]]:
+    """One host app bound to each Galera node (disposed after the test)."""
+    apps = [make_app(url) for url in galera.urls()]
+    yield apps
+    for app in apps:
+        with app.app_context():
+            app.extensions["sqlalchemy"].engine.dispose()
+
+
+@pytest.fixture
+def node_engines(galera: Any) -> Iterator[list[sa.Engine]]:
+    """A plain engine per Galera node, for the independent checks."""
+    engines = [sa.create_engine(url, pool_pre_ping=True) for url in galera.urls()]
+    yield engines
+    for engine in engines:
+        engine.dispose()

@@ -122,6 +122,7 @@ class Ledger(GrantsAPI):
             session=session,
             stats=self.stats,
             write=write,
+            causal=not write and self.config.galera_causal_reads,
         )
 
     # --- reads ---------------------------------------------------------------------

@@ -169,10 +169,42 @@ def _connect(engine: Engine) -> Connection:
         raise ConnectFailed(str(exc.orig)) from exc
 
 
+#: Galera causal reads: the session's ``wsrep_sync_wait`` is kept in a user
+#: variable, set to 1 (reads wait until the node has applied every write
+#: committed anywhere before them), and put back once the transaction is over.
+_SYNC_WAIT_ON = "SET @callora_sync_wait = @@SESSION.wsrep_sync_wait, SESSION wsrep_sync_wait = 1"
+_SYNC_WAIT_BACK = "SET SESSION wsrep_sync_wait = @callora_sync_wait"
+
+
+def _restore_sync_wait(conn: Connection) -> None:
+    """Put the session's ``wsrep_sync_wait`` back; a connection that cannot be
+    put back is invalidated, so no pooled connection keeps the changed value."""
+    try:
+        conn.exec_driver_sql(_SYNC_WAIT_BACK)
+        conn.rollback()  # ends the transaction the statement began
+    except Exception:
+        log.warning("credits: could not restore wsrep_sync_wait; discarding the connection")
+        conn.invalidate()
+
+
 @contextmanager
-def _begin(engine: Engine, write: bool) -> Iterator[Connection]:
+def _causal(conn: Connection) -> Iterator[Connection]:
+    """A read transaction whose statements wait for the cluster (``wsrep_sync_wait``)."""
+    try:
+        with conn.begin():
+            conn.exec_driver_sql(_SYNC_WAIT_ON)
+            yield conn
+    finally:
+        _restore_sync_wait(conn)
+
+
+@contextmanager
+def _begin(engine: Engine, write: bool, causal: bool = False) -> Iterator[Connection]:
     with _connect(engine) as conn:
-        if write and conn.dialect.name == "sqlite":
+        if causal and conn.dialect.name in ("mysql", "mariadb"):
+            with _causal(conn):
+                yield conn
+        elif write and conn.dialect.name == "sqlite":
             # pysqlite would BEGIN lazily (DEFERRED) before the first write, so
             # two transactions could both read then both try to write. Taking
             # the write lock first makes every unit serial on SQLite.
@@ -318,6 +350,7 @@ def run(
     session: HostSession | None = None,
     stats: RetryStats | None = None,
     write: bool = True,
+    causal: bool = False,
 ) -> T:
     """Run ``work`` in one transaction and return its result.
 
@@ -331,6 +364,11 @@ def run(
     transient failure outlasts them, raises
     :class:`~callora_credits.errors.ServiceUnavailable` from the last
     failure; any other error is raised as it is.
+
+    ``causal`` (a read on MariaDB/MySQL without ``session``): the transaction's
+    statements run with ``wsrep_sync_wait = 1``, so on a Galera node they see
+    every write committed on any node before them; the session's previous
+    value is put back before the connection returns to the pool.
 
     With ``session`` (a ``Session`` or a ``scoped_session`` such as
     Flask-SQLAlchemy's ``db.session``): inside the host's transaction, with no
@@ -356,7 +394,7 @@ def run(
     deadline = started + retry_seconds
     while True:
         try:
-            with _begin(engine, write) as conn:
+            with _begin(engine, write, causal) as conn:
                 tx = Tx(conn, attempt=attempt)
                 result = work(tx)
         except Exception as exc:
