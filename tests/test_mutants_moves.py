@@ -11,6 +11,7 @@ drew from, a hold's status and captured amount.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from invariants import ledger_problems
 
-from callora_credits import current_ledger
+from callora_credits import current_ledger, signals
 from callora_credits.core.money import UNITS_PER_USDC
 from callora_credits.db import grant_rows, hold_rows, key_rows, store
 from callora_credits.db.models import (
@@ -600,8 +601,19 @@ def test_a_refund_of_a_debit_that_drew_from_no_grant_becomes_a_paid_grant(app, c
         with ledger.engine.begin() as conn:  # a charge written before grants existed
             conn.execute(sa.delete(al).where(al.c.entry_id == charge.id))
         clock.advance(1)
-        refund = ledger.refund(charge.id, U, reason="goodwill", actor_id="admin_1")
+        sent: list[Any] = []
+
+        def refunded(sender: Any, **kw: Any) -> None:
+            sent.append(kw["entry"])
+
+        signals.credits_refunded.connect(refunded)
+        try:
+            refund = ledger.refund(charge.id, U, reason="goodwill", actor_id="admin_1")
+        finally:
+            signals.credits_refunded.disconnect(refunded)
+        assert sent == [refund]
         back = grant_ids(ledger, user_id)[1]
+        assert re.fullmatch(r"grant_[0-9a-f]{24}", back)
         assert [(a.grant_id, a.amount_units) for a in refund.allocations] == [(back, U)]
         assert (refund.amount_units, refund.balance_after_units, refund.seq) == (U, 7 * U, 3)
         assert (refund.refund_of, refund.description, refund.metadata) == (
@@ -648,8 +660,6 @@ def test_a_refund_of_a_debit_that_drew_from_no_grant_becomes_a_paid_grant(app, c
 
 
 def test_balance_signals_fire_when_crossing_the_threshold_and_at_zero(app, clock, user_id):
-    from callora_credits import signals
-
     seen: list[tuple[str, int]] = []
 
     def low(sender: Any, **kw: Any) -> None:
@@ -702,6 +712,10 @@ def test_the_balance_row_sums_grants_by_category_and_names_the_next_expiry(app, 
             assert store.balance_row(conn, user_id) is None
             assert store.account_row(conn, user_id) is None
         ledger.top_up(user_id, 3 * U)
+        with ledger.engine.connect() as conn:
+            row = store.balance_row(conn, user_id)
+        assert (row.paid_units, row.promotional_units, row.next_expiry_at) == (3 * U, 0, None)
+        assert row.next_expiry_units == 0
         ledger.top_up(user_id, 2 * U, expires_at=aware(50))
         ledger.grant(user_id, U, expires_at=aware(50))
         ledger.grant(user_id, 4 * U, expires_at=aware(80))
