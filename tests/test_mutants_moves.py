@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from invariants import ledger_problems
+from sqlalchemy.dialects import postgresql, sqlite
 
 from callora_credits import current_ledger, signals
 from callora_credits.core.money import UNITS_PER_USDC
@@ -31,6 +32,7 @@ from callora_credits.db.models import (
 )
 from callora_credits.errors import (
     BalanceLimitExceeded,
+    DuplicateReference,
     GrantNotActive,
     HoldAmountExceeded,
     HoldNotPending,
@@ -978,4 +980,73 @@ def test_idempotency_records_expire_at_their_instant(app, clock, user_id):
             assert key_rows.delete_expired_idempotency(conn, at(10)) >= 1
             assert key_rows.find_idempotency(conn, keys[0]) is None
             assert key_rows.find_idempotency(conn, keys[2]) is not None
+            conn.rollback()
+
+
+def test_a_duplicate_grant_reference_names_the_grant_and_its_entry(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        first = ledger.grant(user_id, U, reference="g-1")
+        later = ledger.grant(user_id, U, reference="g-2", effective_at=aware(60))
+        for reference, grant in (("g-1", first), ("g-2", later)):
+            with pytest.raises(DuplicateReference) as caught:
+                ledger.grant(user_id, 2 * U, reference=reference)
+            assert caught.value.details == [
+                {
+                    "field": "reference",
+                    "message": "This reference was already used",
+                    "code": "duplicate_reference",
+                    "grant_id": grant.id,
+                    "transaction_id": grant.transaction_id,
+                }
+            ]
+        assert later.transaction_id is None
+        assert account(ledger, user_id)["balance"] == U
+
+
+def test_a_driver_error_without_a_constraint_name_is_no_duplicate():
+    class Diag:
+        pass
+
+    class Unnamed(Exception):
+        diag = Diag()
+
+    error = sa.exc.IntegrityError("INSERT …", {}, Unnamed("duplicate"))
+    assert store.violates(error, store.ENTRY_REFERENCE) is False
+
+
+def test_the_credit_upsert_as_built_brings_the_due_time_forward_and_waits_for_it(app, user_id):
+    """Built again here, the upsert creates an account with its due time,
+    counts scheduled grants against the limit, and refuses while something
+    is due (at the due instant too)."""
+    with app.app_context():
+        engine = app.extensions["sqlalchemy"].engine
+        builders = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+        if engine.dialect.name not in builders:
+            return  # MariaDB: an UPDATE then an INSERT, run by the tests above
+        upsert = store._upsert_credit(builders[engine.dialect.name])
+
+        def credit(conn: Any, units: int, now: datetime, due: datetime | None) -> Any:
+            params = {
+                "p_user_id": user_id,
+                "p_units": units,
+                "p_limit": 10,
+                "p_now": now,
+                "p_due": due,
+                "p_grants": 1,
+            }
+            found = conn.execute(upsert, params).first()
+            return None if found is None else tuple(found)
+
+        with engine.begin() as conn:
+            assert credit(conn, 2, at(0), at(30)) == (2, 1, 1)
+            row = store.account_row(conn, user_id)
+            assert (_naive(row.next_due_at), int(row.scheduled_units)) == (at(30), 0)
+            assert credit(conn, 2, at(1), at(20)) == (4, 2, 2)
+            assert _naive(store.account_row(conn, user_id).next_due_at) == at(20)
+            assert store.schedule(conn, user_id, 5, 10, at(40)) == 3
+            assert credit(conn, 2, at(2), None) is None  # 4 + 5 scheduled + 2 > 10
+            assert credit(conn, 1, at(2), None) == (5, 3, 4)
+            assert credit(conn, 0, at(20), None) is None  # due at 20: settle first
+            assert credit(conn, 0, at(19), None) == (5, 4, 5)
             conn.rollback()
