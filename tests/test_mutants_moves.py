@@ -614,6 +614,7 @@ def test_a_refund_of_a_debit_that_drew_from_no_grant_becomes_a_paid_grant(app, c
         finally:
             signals.credits_refunded.disconnect(refunded)
         assert sent == [refund]
+        assert refund.actor_id == "admin_1"
         back = grant_ids(ledger, user_id)[1]
         assert re.fullmatch(r"grant_[0-9a-f]{24}", back)
         assert [(a.grant_id, a.amount_units) for a in refund.allocations] == [(back, U)]
