@@ -1051,3 +1051,26 @@ def test_the_credit_upsert_as_built_brings_the_due_time_forward_and_waits_for_it
             assert credit(conn, 0, at(20), None) is None  # due at 20: settle first
             assert credit(conn, 0, at(19), None) == (5, 4, 5)
             conn.rollback()
+
+
+def test_an_expired_or_depleted_grant_cannot_be_voided(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, U)
+        expiring = ledger.grant(user_id, U, expires_at=aware(10), priority=90)
+        used = ledger.grant(user_id, U, priority=1)
+        ledger.charge(user_id, U)  # uses up the priority-1 grant
+        clock.advance(10)
+        for grant, status in ((expiring, "expired"), (used, "depleted")):
+            with pytest.raises(GrantNotActive) as caught:
+                ledger.void_grant(grant.id)
+            assert caught.value.message == f"The grant is {status}"
+        assert ledger.find_by_user_id(user_id).balance_units == U
+        ledger.settle_grants()  # a refused void wrote nothing, its settling neither
+        assert account(ledger, user_id)["balance"] == U
+        assert [g[5:8] for g in grants(ledger, user_id)] == [
+            (U, 0, "active"),
+            (0, 0, "expired"),
+            (0, 0, "active"),
+        ]
+        clean(ledger, user_id, clock)
