@@ -1074,3 +1074,25 @@ def test_an_expired_or_depleted_grant_cannot_be_voided(app, clock, user_id):
             (0, 0, "active"),
         ]
         clean(ledger, user_id, clock)
+
+
+def test_a_void_sends_the_grant_and_its_entry_and_records_who_asked(app, clock, user_id):
+    sent: list[tuple[Any, Any]] = []
+
+    def voided(sender: Any, **kw: Any) -> None:
+        sent.append((kw["grant"], kw["entry"]))
+
+    signals.grant_voided.connect(voided)
+    try:
+        with app.app_context():
+            ledger = current_ledger()
+            live = ledger.grant(user_id, 2 * U)
+            later = ledger.grant(user_id, U, effective_at=aware(60))
+            first = ledger.void_grant(live.id, reason="fraud", actor_id="admin_9")
+            second = ledger.void_grant(later.id)
+            entry = ledger.history(user_id).items[0]
+    finally:
+        signals.grant_voided.disconnect(voided)
+    assert (entry.type, entry.amount_units, entry.actor_id) == ("void", -2 * U, "admin_9")
+    assert (entry.description, entry.grant_id) == ("fraud", live.id)
+    assert sent == [(first, entry), (second, None)]
