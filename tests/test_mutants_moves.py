@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any
 
 import pytest
@@ -1096,3 +1097,17 @@ def test_a_void_sends_the_grant_and_its_entry_and_records_who_asked(app, clock, 
     assert (entry.type, entry.amount_units, entry.actor_id) == ("void", -2 * U, "admin_9")
     assert (entry.description, entry.grant_id) == ("fraud", live.id)
     assert sent == [(first, entry), (second, None)]
+
+
+def test_settling_an_account_with_nothing_due_writes_and_counts_nothing(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.grant(user_id, U, expires_at=aware(10))
+        settle = partial(ledger._settle_one, user_id)
+        assert ledger._run(partial(settle, at(0))) == 0
+        assert ledger._run(partial(ledger._settle_one, user_id + "x", at(0))) == 0
+        assert account(ledger, user_id)["seq"] == 1
+        clock.advance(10)
+        assert ledger._run(partial(settle, at(10))) == 1
+        assert ledger._run(partial(settle, at(10))) == 0
+        assert account(ledger, user_id)["seq"] == 2
