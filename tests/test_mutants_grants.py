@@ -18,6 +18,7 @@ import pytest
 from conftest import Databases, make_app
 
 from callora_credits import current_ledger
+from callora_credits.core.grants import DueHold, GrantState, due_events, next_due
 from callora_credits.core.money import UNITS_PER_USDC
 from callora_credits.core.operations import CreateGrant, VoidGrant
 from callora_credits.core.records import (
@@ -667,3 +668,113 @@ def test_settling_writes_every_due_event_of_every_account_once(fresh):
         assert ledger.expire_holds() == 2
         assert ledger.settle_grants() == 0
         assert ledger.find_by_user_id("settle-hold").held_units == 0
+
+
+# --- grants in memory: what falls due, in what order ----------------------------------
+
+
+def _state(number: int, status: str = "active", **fields: Any) -> GrantState:
+    values: dict[str, Any] = {
+        "id": f"g{number}",
+        "user_id": "u",
+        "number": number,
+        "category": "promotional",
+        "amount_units": 10,
+        "remaining_units": 10,
+        "held_units": 0,
+        "priority": 50,
+        "effective_at": T0,
+        "expires_at": None,
+        "voided_at": None,
+        "status": status,
+        **fields,
+    }
+    return GrantState(**values)
+
+
+T0 = datetime(2026, 6, 1, 12, 0)
+T1 = T0 + timedelta(minutes=1)
+T2 = T0 + timedelta(minutes=2)
+
+
+def test_at_one_instant_hold_expiries_come_before_grant_expiries():
+    grant = _state(1, remaining_units=6, held_units=4, expires_at=T1)
+    hold = DueHold("h1", T0, T1, [("g1", 4)])
+    events = due_events([grant], [hold], T1)
+    assert [(event.at, event.kind) for event in events] == [
+        (T1, "hold_expiry"),
+        (T1, "expiry"),
+    ]
+    assert events[0].movements == []
+    assert events[1].movements == [("expiration", grant, -10)]
+    assert (grant.status, grant.remaining_units, grant.held_units) == ("expired", 0, 0)
+
+
+def test_an_activation_comes_before_an_expiry_and_each_is_due_at_its_instant():
+    scheduled = _state(1, "scheduled", effective_at=T1, expires_at=T2)
+    assert due_events([scheduled], [], T1 - timedelta(microseconds=1)) == []
+    (activation,) = due_events([scheduled], [], T1)
+    assert (activation.at, activation.kind, activation.grant) == (T1, "activation", scheduled)
+    assert activation.movements == [("grant", scheduled, 10)]
+    assert scheduled.status == "active"
+    again = _state(2, "scheduled", effective_at=T1, expires_at=T2)
+    kinds = [(e.at, e.kind, e.movements) for e in due_events([again], [], T2)]
+    assert kinds == [
+        (T1, "activation", [("grant", again, 10)]),
+        (T2, "expiry", [("expiration", again, -10)]),
+    ]
+
+
+def test_a_hold_expiry_gives_back_to_a_live_grant_and_out_of_a_dead_one():
+    live = _state(1, remaining_units=2, held_units=3)
+    voided = _state(2, "voided", remaining_units=0, held_units=5)
+    spent = _state(3, remaining_units=0, held_units=0, expires_at=T1)
+    early = DueHold("h1", T0, T1, [("g1", 3), ("g2", 5)])
+    late = DueHold("h2", T0, T2, [("g1", 1)])
+    events = due_events([live, voided, spent], [late, early], T1)
+    assert [event.kind for event in events] == ["hold_expiry", "expiry"]
+    assert events[0].hold is early
+    assert events[0].movements == [("void", voided, -5)]
+    assert events[1].grant is spent
+    assert events[1].movements == []  # nothing was left to expire
+    assert (live.remaining_units, live.held_units) == (5, 0)
+    assert (voided.remaining_units, voided.held_units) == (0, 0)
+    # Ties at one instant go in creation order.
+    first = _state(1, expires_at=T1)
+    second = _state(2, expires_at=T1)
+    held = DueHold("h3", T0 - timedelta(seconds=1), T1, [])
+    held_later = DueHold("h4", T0, T1, [])
+    order = due_events([second, first], [held_later, held], T1)
+    assert [(e.hold, e.grant) for e in order] == [
+        (held, None),
+        (held_later, None),
+        (None, first),
+        (None, second),
+    ]
+
+
+def test_the_next_due_instant_is_the_soonest_of_what_can_fall_due():
+    assert next_due([], []) is None
+    assert next_due([_state(1, expires_at=None)], []) is None
+    dead = [_state(1, "expired", expires_at=T0), _state(2, "voided", expires_at=T0)]
+    assert next_due(dead, []) is None
+    assert next_due([*dead, _state(3, expires_at=T2)], [T1 + timedelta(minutes=5)]) == T2
+    assert next_due([*dead, _state(4, "scheduled", effective_at=T1, expires_at=T2)], []) == T1
+    assert next_due([_state(5, expires_at=T2)], [T1]) == T1
+
+
+@pytest.mark.parametrize(
+    ("status", "remaining", "held", "shown"),
+    [
+        ("voided", 0, 0, "voided"),
+        ("voided", 5, 0, "voided"),
+        ("scheduled", 10, 0, "scheduled"),
+        ("expired", 0, 0, "expired"),
+        ("active", 0, 0, "depleted"),
+        ("active", 0, 1, "active"),
+        ("active", 1, 0, "active"),
+    ],
+)
+def test_a_grant_reads_as_its_status(status, remaining, held, shown):
+    state = _state(1, status, remaining_units=remaining, held_units=held)
+    assert state.status_at() == shown
