@@ -313,3 +313,13 @@ def test_reconcile_follows_expirations_voids_and_refunds_of_grants(app, clock, u
             "0.0000000 do not add up",
         ),
     ]
+
+
+def test_reconcile_reads_an_account_whose_only_grant_has_not_started(app, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.grant(user_id, 5 * U, effective_at=START + timedelta(days=1))
+        assert ledger.find_by_user_id(user_id).balance_units == 0
+        report = ledger.reconcile(user_id)
+    assert (report.accounts, report.entries, report.mismatches) == (1, 0, [])
+    assert _real(app, user_id) == []
