@@ -315,7 +315,7 @@ def test_reconcile_follows_expirations_voids_and_refunds_of_grants(app, clock, u
     ]
 
 
-def test_reconcile_reads_an_account_whose_only_grant_has_not_started(app, user_id):
+def test_reconcile_reads_an_account_whose_only_grant_has_not_started(app, clock, user_id):
     with app.app_context():
         ledger = current_ledger()
         ledger.grant(user_id, 5 * U, effective_at=START + timedelta(days=1))
