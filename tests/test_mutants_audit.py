@@ -323,3 +323,41 @@ def test_reconcile_reads_an_account_whose_only_grant_has_not_started(app, clock,
         report = ledger.reconcile(user_id)
     assert (report.accounts, report.entries, report.mismatches) == (1, 0, [])
     assert _real(app, user_id) == []
+
+
+# --- reading: what a read shows once something is due equals what settling writes ---------
+
+
+def _without_updated_at(balance: Any) -> dict[str, Any]:
+    shown = dict(vars(balance))
+    shown.pop("updated_at")
+    return shown
+
+
+def test_a_read_with_events_due_shows_what_settling_then_writes(app, clock, user_id):
+    hours = timedelta(hours=1)
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10 * U)
+        first = ledger.grant(user_id, 3 * U, expires_at=START + 2 * hours)
+        second = ledger.grant(user_id, 2 * U, expires_at=START + 2 * hours)
+        ledger.grant(user_id, 4 * U, expires_at=START + 3 * hours)
+        ledger.grant(user_id, 5 * U, effective_at=START + hours / 2)
+        held = ledger.grant(user_id, U, expires_at=START + hours * 1.5, priority=0)
+        ledger.grant(user_id, 6 * U, effective_at=START + 5 * hours)
+        ledger.hold(user_id, 2 * U, expires_in_seconds=86_400)  # on two grants
+        clock.advance(3600)
+        due = ledger.find_by_user_id(user_id)
+        assert ledger.settle_grants() >= 1
+        settled = ledger.find_by_user_id(user_id)
+        assert _without_updated_at(due) == _without_updated_at(settled)
+        # Wholly held, it leaves nothing at its expiry: not the next one.
+        assert ledger.get_grant(held.id).held_units == U
+        grants = {g.id: g for g in ledger.grants(user_id, status="all", limit=100).items}
+    assert due.held_units == 2 * U
+    assert due.paid_units + due.promotional_units == due.balance_units
+    assert due.paid_units == 10 * U
+    expiring = grants[first.id].remaining_units + grants[second.id].remaining_units
+    assert due.next_expiry is not None
+    assert (due.next_expiry.at, due.next_expiry.amount_units) == (START + 2 * hours, expiring)
+    assert _real(app, user_id) == []
