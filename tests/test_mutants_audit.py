@@ -361,3 +361,39 @@ def test_a_read_with_events_due_shows_what_settling_then_writes(app, clock, user
     assert due.next_expiry is not None
     assert (due.next_expiry.at, due.next_expiry.amount_units) == (START + 2 * hours, expiring)
     assert _real(app, user_id) == []
+
+
+def test_every_debit_and_refund_read_back_shows_its_allocations(app, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        top_up = ledger.top_up(user_id, 10 * U)
+        charge = ledger.charge(user_id, 3 * U)
+        capture = ledger.capture(ledger.hold(user_id, 2 * U).id)
+        ledger.adjust(user_id, -U, reason="fix")
+        ledger.refund(charge.id, U)
+        paid = _grant_of(app, top_up.id)
+        shown = {
+            entry.type: [(a.grant_id, a.amount_units) for a in entry.allocations]
+            for entry in ledger.history(user_id, limit=100).items
+        }
+        assert ledger.get_entry(capture.transaction_id).allocations[0].amount_units == 2 * U
+    assert shown["topup"] == []
+    assert shown["charge"] == [(paid, 3 * U)]
+    assert shown["hold_capture"] == [(paid, 2 * U)]
+    assert shown["adjustment"] == [(paid, U)]
+    assert shown["refund"] == [(paid, U)]
+
+
+def test_a_page_of_grants_continues_where_the_last_one_stopped(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        made = [ledger.grant(user_id, U).id for _ in range(5)]
+        ledger.void_grant(made[2])
+        first = ledger.grants(user_id, limit=2)
+        second = ledger.grants(user_id, limit=2, cursor=first.next_cursor)
+    newest = [made[4], made[3], made[1], made[0]]
+    assert [g.id for g in first.items] == newest[:2]
+    assert [g.id for g in second.items] == newest[2:]
+    # The last grant shown is the last one there is: no cursor to go on with.
+    assert first.next_cursor is not None
+    assert second.next_cursor is None
