@@ -397,3 +397,9 @@ def test_a_page_of_grants_continues_where_the_last_one_stopped(app, clock, user_
     # The last grant shown is the last one there is: no cursor to go on with.
     assert first.next_cursor is not None
     assert second.next_cursor is None
+
+
+def test_the_grants_of_a_user_without_an_account_are_an_empty_page(app, user_id):
+    with app.app_context():
+        page = current_ledger().grants(user_id + "_nobody", status="all")
+    assert (page.items, page.next_cursor) == ([], None)
