@@ -403,3 +403,13 @@ def test_the_grants_of_a_user_without_an_account_are_an_empty_page(app, user_id)
     with app.app_context():
         page = current_ledger().grants(user_id + "_nobody", status="all")
     assert (page.items, page.next_cursor) == ([], None)
+
+
+def test_a_replayed_grant_is_the_same_grant(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        key = f"{user_id}-grant"
+        first = ledger.grant(user_id, 2 * U, idempotency_key=key)
+        again = ledger.grant(user_id, 2 * U, idempotency_key=key)
+        assert again == first
+        assert ledger.find_by_user_id(user_id).balance_units == 2 * U
