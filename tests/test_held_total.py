@@ -10,11 +10,12 @@ and by the raw account row itself, never by the library alone.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import Clock
 from invariants import ledger_problems
 
 from callora_credits import current_ledger
@@ -26,20 +27,9 @@ WORKERS = 12
 WAIT = 60
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
 @pytest.fixture
 def clock(app: Any) -> Clock:
-    clock = Clock()
+    clock = Clock(datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc))
     app.extensions["callora_credits"].clock = clock
     return clock
 

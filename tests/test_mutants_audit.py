@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import Clock
 from invariants import ledger_problems
 
 from callora_credits import current_ledger
@@ -24,22 +25,9 @@ U = UNITS_PER_USDC
 START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
-class Clock:
-    """The library's clock, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
 @pytest.fixture
 def clock(app: Any) -> Clock:
-    stopped = Clock()
+    stopped = Clock(START)
     app.extensions["callora_credits"].clock = stopped
     return stopped
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import Clock
 from invariants import ledger_problems
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -47,20 +48,9 @@ U = UNITS_PER_USDC
 T0 = datetime(2026, 6, 1, 12, 0)  # naive UTC, as stored
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0.replace(tzinfo=timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
 @pytest.fixture
 def clock(app: Any) -> Clock:
-    stopped = Clock()
+    stopped = Clock(T0.replace(tzinfo=timezone.utc))
     app.extensions["callora_credits"].clock = stopped
     return stopped
 
