@@ -148,7 +148,14 @@ def _results(module_files: list[str]) -> dict[str, dict[str, int | None]]:
     found = {}
     for module_file in module_files:
         meta = WORK / "mutants" / (module_file + ".meta")
-        codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+        codes: dict[str, int | None] = {}
+        if meta.exists():
+            try:
+                codes = json.loads(meta.read_text())["exit_code_by_key"]
+            except (json.JSONDecodeError, KeyError):
+                # mutmut writes this file as it goes: a run stopped mid-write
+                # leaves it cut short. Its mutants count as not checked.
+                print(f"mutation: {meta.name} was left unfinished; its mutants are not counted")
         found[module_file] = codes
     return found
 
