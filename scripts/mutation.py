@@ -152,10 +152,10 @@ def _results(module_files: list[str]) -> dict[str, dict[str, int | None]]:
         if meta.exists():
             try:
                 codes = json.loads(meta.read_text())["exit_code_by_key"]
-            except (json.JSONDecodeError, KeyError):
+            except json.JSONDecodeError:
                 # mutmut writes this file as it goes: a run stopped mid-write
-                # leaves it cut short. Its mutants count as not checked.
-                print(f"mutation: {meta.name} was left unfinished; its mutants are not counted")
+                # leaves it cut short, and its module is left out of the score.
+                print(f"mutation: {module_file}.meta was left unfinished; not counted")
         found[module_file] = codes
     return found
 
