@@ -90,10 +90,20 @@ def test_bad_settings_fail_at_registration(
     assert named in str(raised.value)
 
 
+@pytest.fixture(params=["memory", "redis"])
+def storage(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The library's own Limiter on each storage: in process, and on Redis (one
+    round trip a request)."""
+    if request.param == "memory":
+        return {"CREDITS_RATE_LIMIT_STORAGE_URI": "memory://"}
+    prefix = request.getfixturevalue("redis_prefix")
+    return {"CREDITS_RATE_LIMIT_STORAGE_URI": REDIS_URL, "RATELIMIT_KEY_PREFIX": prefix}
+
+
 def test_one_budget_per_caller_across_routes_and_the_429(
-    host: Callable[..., Flask], user_id: str
+    host: Callable[..., Flask], user_id: str, storage: dict[str, str]
 ) -> None:
-    app = limited(host, CREDITS_RATE_LIMIT="4/minute")
+    app = host(CREDITS_RATE_LIMIT="4/minute", **storage)
     client = app.test_client()
     headers = bearer(user_id)
     paths = [BALANCE, f"{BALANCE}/transactions", f"{BALANCE}/holds", f"{BALANCE}/no-such-route"]
@@ -118,6 +128,55 @@ def test_one_budget_per_caller_across_routes_and_the_429(
     other = client.get(BALANCE, headers=bearer(fresh()))
     assert other.status_code == 200
     assert other.headers["X-RateLimit-Remaining"] == "3"
+
+
+def test_on_redis_a_request_costs_one_round_trip(
+    host: Callable[..., Flask], user_id: str, redis_prefix: str
+) -> None:
+    """The count, the remaining budget and the window's end come back from one
+    script; the headers are not read back with a GET and a TTL."""
+    import threading
+
+    import redis
+
+    app = host(
+        CREDITS_RATE_LIMIT="100/minute;1000/hour",
+        CREDITS_RATE_LIMIT_WRITE="50/minute",
+        CREDITS_RATE_LIMIT_STORAGE_URI=REDIS_URL,
+        RATELIMIT_KEY_PREFIX=redis_prefix,
+    )
+    client = app.test_client()
+    client.get(BALANCE, headers=bearer(user_id))  # loads the script into Redis
+    seen: list[str] = []
+    watching = threading.Event()
+    stop = "stop-" + redis_prefix
+
+    def watch() -> None:
+        with redis.Redis.from_url(REDIS_URL).monitor() as monitor:
+            watching.set()
+            for line in monitor.listen():
+                command = str(line["command"])
+                if stop in command:
+                    return
+                name = command.split()[0]
+                # The commands a script runs are logged as it spells them (lowercase).
+                if redis_prefix in command and name.isupper():
+                    seen.append(name)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert watching.wait(5)
+    time.sleep(0.2)
+    replies = [client.get(BALANCE, headers=bearer(user_id)) for _ in range(3)]
+    write = client.post(f"{BALANCE}/topup", headers=bearer(user_id), json={})
+    redis.Redis.from_url(REDIS_URL).get(stop)
+    watcher.join(5)
+    assert not watcher.is_alive()
+    # Each GET spends both windows of the shared budget; the POST the write one too.
+    assert seen == ["EVALSHA"] * (3 * 2 + 3)
+    remaining = [int(r.headers["X-RateLimit-Remaining"]) for r in replies]
+    assert remaining == [remaining[0], remaining[0] - 1, remaining[0] - 2]
+    assert write.headers["X-RateLimit-Limit"] in ("50", "100", "1000")
 
 
 def test_retry_after_survives_a_later_rewrite_to_zero(
@@ -350,7 +409,7 @@ def serve(
 def test_gunicorn_one_budget_across_both_workers(serve: Callable[..., OpsServer]) -> None:
     limit = 8
     server = serve(CREDITS_RATE_LIMIT=f"{limit}/minute")
-    for _ in range(5):  # each try is a fresh caller: both workers must take part
+    for _ in range(25):  # each try is a fresh caller: both workers must take part
         user = fresh()
         replies = [server.request("GET", BALANCE, bearer(user)) for _ in range(limit)]
         if len({reply.worker for reply in replies}) == 2:

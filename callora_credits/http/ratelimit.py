@@ -13,6 +13,7 @@ spends its remote address's budget.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -22,7 +23,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from flask import Flask, current_app, request
+from flask import Flask, current_app, has_request_context, request
 
 from ..config import CreditsConfig, config
 from ..errors import CreditsError, RateLimited
@@ -115,6 +116,94 @@ class _OutageLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         )
 
 
+#: Redis URIs (of the library's own Limiter) are served by the one-trip storage.
+_ONE_TRIP_SCHEMES = ("redis", "rediss", "redis+unix")
+_ONE_TRIP_PREFIX = "callora-credits+"
+_ONE_TRIP_ENVIRON_KEY = "callora_credits.rate_limit_counts"
+# limits' own script (count up, start the window on the first hit), answering
+# with the count and the seconds left in the window: one round trip, not three.
+_INCR_EXPIRE_TTL = b"""
+local amount = tonumber(ARGV[2])
+local current = redis.call("incrby", KEYS[1], amount)
+if tonumber(current) == amount then
+    redis.call("expire", KEYS[1], ARGV[1])
+end
+return {current, redis.call("ttl", KEYS[1])}
+"""
+
+
+def _counts_seen() -> dict[str, tuple[int, float]] | None:
+    """This request's ``{key: (count, window end)}`` as its hits left them;
+    ``None`` outside a request."""
+    if not has_request_context():
+        return None
+    seen: dict[str, tuple[int, float]] = request.environ.setdefault(_ONE_TRIP_ENVIRON_KEY, {})
+    return seen
+
+
+@functools.cache
+def _register_one_trip_storage() -> bool:
+    """Register limits' Redis storage under the library's schemes, answering
+    a request's counts from its own hit.
+
+    Flask-Limiter counts a request with one ``incr`` and then, for the
+    ``X-RateLimit-*`` headers, reads the count and the window's end back with
+    a ``GET`` and a ``TTL``: three round trips to Redis per request. Here the
+    ``incr`` answers both in its one script, and the reads of the same key in
+    the same request are answered from it, so a request costs one round trip.
+    The headers then say what the request's own hit left (a concurrent
+    request's hit after it is in that request's headers, not this one's).
+    Outside a request (a host's ``limiter.reset()``, a test) every read goes
+    to Redis as before. Returns whether it is registered: not with a limits
+    release older than the Redis storage's ``prefixed_key`` (limits' own
+    storage is used then).
+    """
+    from limits.storage import RedisStorage
+
+    if not hasattr(RedisStorage, "prefixed_key"):
+        return False
+
+    class _OneTripRedisStorage(RedisStorage):
+        # limits registers a storage class by this attribute when the class is made.
+        STORAGE_SCHEME = [_ONE_TRIP_PREFIX + s for s in _ONE_TRIP_SCHEMES]  # noqa: RUF012
+
+        def __init__(self, uri: str, **options: Any) -> None:
+            super().__init__(uri.removeprefix(_ONE_TRIP_PREFIX), **options)
+
+        def initialize_storage(self, uri: str) -> None:
+            super().initialize_storage(uri)
+            self._incr_expire_ttl = self.get_connection().register_script(_INCR_EXPIRE_TTL)
+
+        def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+            count, ttl = self._incr_expire_ttl([self.prefixed_key(key)], [expiry, amount])
+            seen = _counts_seen()
+            if seen is not None:
+                seen[key] = (int(count), max(int(ttl), 0) + time.time())
+            return int(count)
+
+        def get(self, key: str) -> int:
+            seen = _counts_seen()
+            if seen is not None and key in seen:
+                return seen[key][0]
+            return super().get(key)
+
+        def get_expiry(self, key: str) -> float:
+            seen = _counts_seen()
+            if seen is not None and key in seen:
+                return seen[key][1]
+            return super().get_expiry(key)
+
+    return True
+
+
+def _storage_uri(uri: str) -> str:
+    """The URI the library's own Limiter is given: a Redis one names the
+    one-trip storage; any other is limits' own."""
+    if uri.partition("://")[0] in _ONE_TRIP_SCHEMES and _register_one_trip_storage():
+        return _ONE_TRIP_PREFIX + uri
+    return uri
+
+
 def _own_limiter(app: Flask, cfg: CreditsConfig) -> Limiter:
     """A Limiter for the credits routes only, on ``CREDITS_RATE_LIMIT_STORAGE_URI``.
 
@@ -129,7 +218,7 @@ def _own_limiter(app: Flask, cfg: CreditsConfig) -> Limiter:
 
     limiter = Limiter(
         rate_limit_key,
-        storage_uri=cfg.rate_limit_storage_uri,
+        storage_uri=_storage_uri(cfg.rate_limit_storage_uri),
         strategy="fixed-window",
         headers_enabled=True,
         header_name_mapping={
