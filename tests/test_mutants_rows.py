@@ -7,6 +7,7 @@ Every test runs on every engine against real tables.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from conftest import Clock
 
 from callora_credits import current_ledger
 from callora_credits.core.money import UNITS_PER_USDC
-from callora_credits.db import grant_rows
+from callora_credits.db import grant_rows, store
 
 U = UNITS_PER_USDC
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -50,3 +51,12 @@ def test_a_dead_grant_still_holding_for_a_pending_hold_is_live(app, clock, user_
         ledger.release(hold.id)
         with ledger.engine.begin() as conn:
             assert {r.id for r in grant_rows.live_grants(conn, user_id)} == {paid_grant}
+
+
+def test_an_unsupported_engine_is_refused_by_name():
+    """An engine the library does not support is refused before any SQL is
+    sent, with its name in the message."""
+    oracle = SimpleNamespace(dialect=SimpleNamespace(name="oracle"))
+    with pytest.raises(RuntimeError) as refused:
+        store.insert_account_if_missing(oracle, "user_1", T0)  # type: ignore[arg-type]
+    assert str(refused.value) == "callora_credits does not support the oracle dialect"
