@@ -1,7 +1,8 @@
 """What reconcile and the rows' SQL must keep, pinned where mutation testing
 of ``core/reconcile.py`` and the ``db`` row modules found it unpinned.
 
-Every test runs on every engine against real tables.
+Every test that reads or writes the tables runs on every engine, against
+real tables.
 """
 
 from __future__ import annotations
