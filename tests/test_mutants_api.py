@@ -1,0 +1,136 @@
+"""Rules of the Python API that mutation testing found unpinned.
+
+Each test here guards a rule of the operations, the records, the grants API
+or the idempotency keys that a mutant broke while the rest of the suite still
+passed: grants given, listed, read and voided inside a host's transaction,
+the signals settling sends, how a pending hold reads past its expiry. The
+ones that touch the database run on every engine.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from callora_credits import current_ledger
+from callora_credits.core import signals
+from callora_credits.core.money import UNITS_PER_USDC
+from callora_credits.core.records import Hold
+
+U = UNITS_PER_USDC
+START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+class StoppedClock:
+    """The library's clock, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock(app: Any) -> StoppedClock:
+    stopped = StoppedClock()
+    app.extensions["callora_credits"].clock = stopped
+    return stopped
+
+
+# --- a hold read past its expiry --------------------------------------------------------
+
+
+def _pending(expires_at: datetime) -> Hold:
+    return Hold(
+        id="hold_" + "1" * 24,
+        user_id="u",
+        status="pending",
+        amount_units=U,
+        captured_units=0,
+        expires_at=expires_at,
+        created_at=START,
+        resolved_at=None,
+        transaction_id=None,
+        reference=None,
+        metadata={},
+    )
+
+
+def test_a_pending_hold_read_at_or_past_its_expiry_is_expired_at_its_expiry():
+    expiry = START + timedelta(minutes=5)
+    hold = _pending(expiry)
+    assert hold.as_of(expiry - timedelta(microseconds=1)) == hold
+    for now in (expiry, expiry + timedelta(hours=1)):
+        read = hold.as_of(now)
+        assert (read.status, read.resolved_at) == ("expired", expiry)
+        assert (read.amount_units, read.captured_units) == (U, 0)
+    # A naive instant is UTC.
+    assert hold.as_of(expiry.replace(tzinfo=None)).status == "expired"
+
+
+def test_a_hold_read_through_the_api_past_its_expiry_is_resolved_at_its_expiry(
+    app: Any, clock: StoppedClock, user_id: str
+) -> None:
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 5 * U)
+        hold = ledger.hold(user_id, 2 * U, expires_in_seconds=60)
+        assert (hold.status, hold.resolved_at) == ("pending", None)
+        clock.advance(seconds=61)
+        read = ledger.get_hold(hold.id)
+        assert (read.status, read.resolved_at) == ("expired", hold.expires_at)
+
+
+# --- grants inside the host's transaction -----------------------------------------------
+
+
+def test_grants_given_read_listed_and_voided_in_a_host_session_go_with_its_rollback(
+    app: Any, clock: StoppedClock, user_id: str
+) -> None:
+    with app.app_context():
+        ledger = current_ledger()
+        session = app.extensions["sqlalchemy"].session
+        given = ledger.grant(user_id, 3 * U, session=session)
+        # The host's transaction sees its own grant.
+        assert ledger.get_grant(given.id, session=session) == given
+        assert [g.id for g in ledger.grants(user_id, session=session).items] == [given.id]
+        voided = ledger.void_grant(given.id, reason="gone", session=session)
+        assert (voided.status, voided.remaining_units) == ("voided", 0)
+        assert ledger.get_grant(given.id, session=session).status == "voided"
+        session.rollback()
+        assert ledger.get_grant(given.id) is None
+        assert ledger.grants(user_id, status="all").items == []
+        assert ledger.history(user_id).items == []
+
+
+# --- settling sends its signals ---------------------------------------------------------
+
+
+def test_settling_sends_the_expiry_signal_with_the_app_as_sender(
+    app: Any, clock: StoppedClock, user_id: str
+) -> None:
+    heard: list[tuple[Any, dict[str, Any]]] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        heard.append((sender, kwargs))
+
+    signals.grant_expired.connect(receiver, sender=app)
+    try:
+        with app.app_context():
+            ledger = current_ledger()
+            given = ledger.grant(user_id, 2 * U, expires_at=START + timedelta(minutes=1))
+            clock.advance(minutes=1)
+            assert heard == []
+            assert ledger.settle_grants() >= 1
+    finally:
+        signals.grant_expired.disconnect(receiver, sender=app)
+    ours = [kwargs for sender, kwargs in heard if kwargs["grant_id"] == given.id]
+    assert len(ours) == 1
+    entry = ours[0]["entry"]
+    assert (entry.type, entry.amount_units, entry.grant_id) == ("expiration", -2 * U, given.id)
