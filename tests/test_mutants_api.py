@@ -85,6 +85,9 @@ def test_a_hold_read_through_the_api_past_its_expiry_is_resolved_at_its_expiry(
         clock.advance(seconds=61)
         read = ledger.get_hold(hold.id)
         assert (read.status, read.resolved_at) == ("expired", hold.expires_at)
+        # Written, the expiry reads the same (and nothing is left due).
+        assert ledger.expire_holds() >= 1
+        assert ledger.get_hold(hold.id) == read
 
 
 # --- grants inside the host's transaction -----------------------------------------------
