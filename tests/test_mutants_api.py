@@ -16,6 +16,7 @@ import pytest
 
 from callora_credits import current_ledger
 from callora_credits.core import signals
+from callora_credits.core.grants import DueHold, GrantState, due_events
 from callora_credits.core.money import UNITS_PER_USDC
 from callora_credits.core.records import Hold
 
@@ -137,3 +138,46 @@ def test_settling_sends_the_expiry_signal_with_the_app_as_sender(
     assert len(ours) == 1
     entry = ours[0]["entry"]
     assert (entry.type, entry.amount_units, entry.grant_id) == ("expiration", -2 * U, given.id)
+
+
+# --- what falls due at one instant ------------------------------------------------------
+
+
+def test_a_hold_expiry_comes_before_a_grant_starting_at_the_same_instant() -> None:
+    at = START.replace(tzinfo=None) + timedelta(minutes=1)
+    live = GrantState(
+        id="g1",
+        user_id="u",
+        number=1,
+        category="paid",
+        amount_units=10,
+        remaining_units=6,
+        held_units=4,
+        priority=50,
+        effective_at=at - timedelta(minutes=1),
+        expires_at=None,
+        voided_at=None,
+        status="active",
+    )
+    scheduled = GrantState(
+        id="g2",
+        user_id="u",
+        number=2,
+        category="promotional",
+        amount_units=5,
+        remaining_units=5,
+        held_units=0,
+        priority=50,
+        effective_at=at,
+        expires_at=None,
+        voided_at=None,
+        status="scheduled",
+    )
+    hold = DueHold("h1", at - timedelta(minutes=1), at, [("g1", 4)])
+    events = due_events([live, scheduled], [hold], at)
+    assert [(event.at, event.kind) for event in events] == [
+        (at, "hold_expiry"),
+        (at, "activation"),
+    ]
+    assert events[1].movements == [("grant", scheduled, 5)]
+    assert (live.remaining_units, live.held_units, scheduled.status) == (10, 0, "active")
