@@ -16,7 +16,7 @@ import pytest
 
 from callora_credits import current_ledger
 from callora_credits.core import signals
-from callora_credits.core.grants import DueHold, GrantState, due_events
+from callora_credits.core.grants import DueHold, GrantState, consumption_order, draw, due_events
 from callora_credits.core.money import UNITS_PER_USDC
 from callora_credits.core.records import Hold
 
@@ -181,3 +181,35 @@ def test_a_hold_expiry_comes_before_a_grant_starting_at_the_same_instant() -> No
     ]
     assert events[1].movements == [("grant", scheduled, 5)]
     assert (live.remaining_units, live.held_units, scheduled.status) == (10, 0, "active")
+
+
+def test_a_debit_draws_only_from_active_grants_with_something_left_before_their_expiry() -> None:
+    now = START.replace(tzinfo=None)
+
+    def grant(number: int, status: str, remaining: int, expires: datetime | None) -> GrantState:
+        return GrantState(
+            id=f"g{number}",
+            user_id="u",
+            number=number,
+            category="paid",
+            amount_units=10,
+            remaining_units=remaining,
+            held_units=0,
+            priority=50,
+            effective_at=now - timedelta(days=1),
+            expires_at=expires,
+            voided_at=None,
+            status=status,
+        )
+
+    spendable = grant(1, "active", 4, None)
+    others = [
+        grant(2, "scheduled", 10, None),
+        grant(3, "voided", 10, None),
+        grant(4, "expired", 10, None),
+        grant(5, "active", 0, None),
+        grant(6, "active", 10, now),
+    ]
+    assert consumption_order([*others, spendable], now) == [spendable]
+    assert draw([*others, spendable], 4, now) == [(spendable, 4)]
+    assert draw([*others, spendable], 5, now) is None
