@@ -1,0 +1,215 @@
+"""Rules of the Python API that mutation testing found unpinned.
+
+Each test here guards a rule of the operations, the records, the grants API
+or the idempotency keys that a mutant broke while the rest of the suite still
+passed: grants given, listed, read and voided inside a host's transaction,
+the signals settling sends, how a pending hold reads past its expiry. The
+ones that touch the database run on every engine.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from callora_credits import current_ledger
+from callora_credits.core import signals
+from callora_credits.core.grants import DueHold, GrantState, consumption_order, draw, due_events
+from callora_credits.core.money import UNITS_PER_USDC
+from callora_credits.core.records import Hold
+
+U = UNITS_PER_USDC
+START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+class StoppedClock:
+    """The library's clock, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock(app: Any) -> StoppedClock:
+    stopped = StoppedClock()
+    app.extensions["callora_credits"].clock = stopped
+    return stopped
+
+
+# --- a hold read past its expiry --------------------------------------------------------
+
+
+def _pending(expires_at: datetime) -> Hold:
+    return Hold(
+        id="hold_" + "1" * 24,
+        user_id="u",
+        status="pending",
+        amount_units=U,
+        captured_units=0,
+        expires_at=expires_at,
+        created_at=START,
+        resolved_at=None,
+        transaction_id=None,
+        reference=None,
+        metadata={},
+    )
+
+
+def test_a_pending_hold_read_at_or_past_its_expiry_is_expired_at_its_expiry():
+    expiry = START + timedelta(minutes=5)
+    hold = _pending(expiry)
+    assert hold.as_of(expiry - timedelta(microseconds=1)) == hold
+    for now in (expiry, expiry + timedelta(hours=1)):
+        read = hold.as_of(now)
+        assert (read.status, read.resolved_at) == ("expired", expiry)
+        assert (read.amount_units, read.captured_units) == (U, 0)
+    # A naive instant is UTC.
+    assert hold.as_of(expiry.replace(tzinfo=None)).status == "expired"
+
+
+def test_a_hold_read_through_the_api_past_its_expiry_is_resolved_at_its_expiry(
+    app: Any, clock: StoppedClock, user_id: str
+) -> None:
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 5 * U)
+        hold = ledger.hold(user_id, 2 * U, expires_in_seconds=60)
+        assert (hold.status, hold.resolved_at) == ("pending", None)
+        clock.advance(seconds=61)
+        read = ledger.get_hold(hold.id)
+        assert (read.status, read.resolved_at) == ("expired", hold.expires_at)
+        # Written, the expiry reads the same (and nothing is left due).
+        assert ledger.expire_holds() >= 1
+        assert ledger.get_hold(hold.id) == read
+
+
+# --- grants inside the host's transaction -----------------------------------------------
+
+
+def test_grants_given_read_listed_and_voided_in_a_host_session_go_with_its_rollback(
+    app: Any, clock: StoppedClock, user_id: str
+) -> None:
+    with app.app_context():
+        ledger = current_ledger()
+        session = app.extensions["sqlalchemy"].session
+        given = ledger.grant(user_id, 3 * U, session=session)
+        # The host's transaction sees its own grant.
+        assert ledger.get_grant(given.id, session=session) == given
+        assert [g.id for g in ledger.grants(user_id, session=session).items] == [given.id]
+        voided = ledger.void_grant(given.id, reason="gone", session=session)
+        assert (voided.status, voided.remaining_units) == ("voided", 0)
+        assert ledger.get_grant(given.id, session=session).status == "voided"
+        session.rollback()
+        assert ledger.get_grant(given.id) is None
+        assert ledger.grants(user_id, status="all").items == []
+        assert ledger.history(user_id).items == []
+
+
+# --- settling sends its signals ---------------------------------------------------------
+
+
+def test_settling_sends_the_expiry_signal_with_the_app_as_sender(
+    app: Any, clock: StoppedClock, user_id: str
+) -> None:
+    heard: list[tuple[Any, dict[str, Any]]] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        heard.append((sender, kwargs))
+
+    signals.grant_expired.connect(receiver, sender=app)
+    try:
+        with app.app_context():
+            ledger = current_ledger()
+            given = ledger.grant(user_id, 2 * U, expires_at=START + timedelta(minutes=1))
+            clock.advance(minutes=1)
+            assert heard == []
+            assert ledger.settle_grants() >= 1
+    finally:
+        signals.grant_expired.disconnect(receiver, sender=app)
+    ours = [kwargs for sender, kwargs in heard if kwargs["grant_id"] == given.id]
+    assert len(ours) == 1
+    entry = ours[0]["entry"]
+    assert (entry.type, entry.amount_units, entry.grant_id) == ("expiration", -2 * U, given.id)
+
+
+# --- what falls due at one instant ------------------------------------------------------
+
+
+def test_a_hold_expiry_comes_before_a_grant_starting_at_the_same_instant() -> None:
+    at = START.replace(tzinfo=None) + timedelta(minutes=1)
+    live = GrantState(
+        id="g1",
+        user_id="u",
+        number=1,
+        category="paid",
+        amount_units=10,
+        remaining_units=6,
+        held_units=4,
+        priority=50,
+        effective_at=at - timedelta(minutes=1),
+        expires_at=None,
+        voided_at=None,
+        status="active",
+    )
+    scheduled = GrantState(
+        id="g2",
+        user_id="u",
+        number=2,
+        category="promotional",
+        amount_units=5,
+        remaining_units=5,
+        held_units=0,
+        priority=50,
+        effective_at=at,
+        expires_at=None,
+        voided_at=None,
+        status="scheduled",
+    )
+    hold = DueHold("h1", at - timedelta(minutes=1), at, [("g1", 4)])
+    events = due_events([live, scheduled], [hold], at)
+    assert [(event.at, event.kind) for event in events] == [
+        (at, "hold_expiry"),
+        (at, "activation"),
+    ]
+    assert events[1].movements == [("grant", scheduled, 5)]
+    assert (live.remaining_units, live.held_units, scheduled.status) == (10, 0, "active")
+
+
+def test_a_debit_draws_only_from_active_grants_with_something_left_before_their_expiry() -> None:
+    now = START.replace(tzinfo=None)
+
+    def grant(number: int, status: str, remaining: int, expires: datetime | None) -> GrantState:
+        return GrantState(
+            id=f"g{number}",
+            user_id="u",
+            number=number,
+            category="paid",
+            amount_units=10,
+            remaining_units=remaining,
+            held_units=0,
+            priority=50,
+            effective_at=now - timedelta(days=1),
+            expires_at=expires,
+            voided_at=None,
+            status=status,
+        )
+
+    spendable = grant(1, "active", 4, None)
+    others = [
+        grant(2, "scheduled", 10, None),
+        grant(3, "voided", 10, None),
+        grant(4, "expired", 10, None),
+        grant(5, "active", 0, None),
+        grant(6, "active", 10, now),
+    ]
+    assert consumption_order([*others, spendable], now) == [spendable]
+    assert draw([*others, spendable], 4, now) == [(spendable, 4)]
+    assert draw([*others, spendable], 5, now) is None
