@@ -7,10 +7,12 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import sqlalchemy as sa
 from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE
 from invariants import ledger_problems
 
 from callora_credits import current_ledger
+from callora_credits.db.models import HoldRow
 from callora_credits.errors import HoldAmountExceeded, HoldNotPending, InsufficientCredits
 
 BASE = "/api/billing/credits"
@@ -150,8 +152,15 @@ def test_expiry_frees_available_without_a_sweeper(app, clock, user_id):
         with pytest.raises(HoldNotPending):
             ledger.capture(hold.id)
         ledger.charge(user_id, 3 * U)  # writes the expiry first
-        assert ledger.expire_holds() == 0
+        holds = HoldRow.__table__
+        with ledger.engine.connect() as conn:
+            written = conn.execute(
+                sa.select(holds.c.status).where(holds.c.id == hold.id)
+            ).scalar_one()
+        assert written == "expired"  # as written, before any sweep
+        ledger.expire_holds()
         assert ledger.get_hold(hold.id).status == "expired"
+        assert ledger.find_by_user_id(user_id).balance_units == 0
 
 
 def test_concurrent_captures_and_releases_one_wins(app, user_id):
