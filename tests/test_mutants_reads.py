@@ -17,7 +17,8 @@ from conftest import Clock
 
 from callora_credits import current_ledger
 from callora_credits.core.money import UNITS_PER_USDC
-from callora_credits.db.models import AllocationRow
+from callora_credits.core.settlement import settle_all
+from callora_credits.db.models import Account, AllocationRow
 
 U = UNITS_PER_USDC
 T0 = datetime(2026, 6, 1, 12, 0)  # naive UTC, as stored
@@ -99,3 +100,61 @@ def test_a_status_filter_reads_past_the_first_two_hundred_grants(app, clock, use
             active = ledger.grants(user_id, limit=100, cursor=active.next_cursor)
             seen += [g.id for g in active.items]
         assert len(seen) == len(set(seen)) == 203
+
+
+def test_settling_every_account_writes_each_due_event_once(app, user_id):
+    # Long before any other test's clock, so that no other account is due.
+    start = datetime(2001, 1, 1, tzinfo=timezone.utc)
+    app.extensions["callora_credits"].clock = Clock(start)
+    first, second = user_id, f"{user_id}b"
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(first, 10 * U)
+        expiring = ledger.grant(first, 5 * U, expires_at=start + timedelta(seconds=60))
+        ledger.top_up(second, 4 * U)
+        hold = ledger.hold(second, 2 * U, expires_in_seconds=30)
+        scheduled = ledger.grant(
+            second, 3 * U, effective_at=start + timedelta(seconds=90), reference="later"
+        )
+        later = (start + timedelta(seconds=120)).replace(tzinfo=None)
+        with ledger.engine.begin() as conn:
+            assert settle_all(conn, later, batch=1, held_total=False) == 3
+        with ledger.engine.begin() as conn:
+            assert settle_all(conn, later, batch=1) == 0
+        a = Account.__table__
+        with ledger.engine.connect() as conn:
+            rows = {
+                r.user_id: r
+                for r in conn.execute(sa.select(a).where(a.c.user_id.in_([first, second])))
+            }
+        assert (int(rows[first].balance_units), int(rows[first].last_seq)) == (10 * U, 3)
+        assert rows[first].next_due_at is None
+        # Without the held total, the column is left as it was.
+        assert int(rows[second].held_units) == 2 * U
+        assert (int(rows[second].balance_units), int(rows[second].last_seq)) == (7 * U, 2)
+        assert (int(rows[second].scheduled_units), rows[second].next_due_at) == (0, None)
+        expired = ledger.history(first, limit=1).items[0]
+        assert (expired.type, expired.amount_units, expired.balance_after_units) == (
+            "expiration",
+            -5 * U,
+            10 * U,
+        )
+        assert (expired.grant_id, expired.created_at) == (
+            expiring.id,
+            start + timedelta(seconds=60),
+        )
+        credited = ledger.history(second, limit=1).items[0]
+        assert (credited.type, credited.amount_units, credited.balance_after_units) == (
+            "grant",
+            3 * U,
+            7 * U,
+        )
+        assert (credited.grant_id, credited.reference, credited.hold_id) == (
+            scheduled.id,
+            "later",
+            None,
+        )
+        assert credited.created_at == start + timedelta(seconds=90)
+        assert ledger.get_hold(hold.id).status == "expired"
+        active = ledger.get_grant(scheduled.id)
+        assert (active.status, active.transaction_id) == ("active", credited.id)
