@@ -158,3 +158,51 @@ def test_settling_every_account_writes_each_due_event_once(app, user_id):
         assert ledger.get_hold(hold.id).status == "expired"
         active = ledger.get_grant(scheduled.id)
         assert (active.status, active.transaction_id) == ("active", credited.id)
+
+
+def test_a_balance_read_while_something_is_due_is_the_balance_written_after(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10 * U)
+        soon = ledger.grant(user_id, 2 * U, priority=10, expires_at=aware(100))
+        same = ledger.grant(user_id, 3 * U, priority=20, expires_at=aware(100))
+        ledger.grant(user_id, U, priority=30, expires_at=aware(200))
+        scheduled = ledger.grant(
+            user_id, 4 * U, priority=40, effective_at=aware(10), expires_at=aware(50)
+        )
+        ledger.hold(user_id, U)
+        before = ledger.find_by_user_id(user_id)
+        assert before.next_expiry is not None
+        assert (before.next_expiry.at, before.next_expiry.amount_units) == (aware(100), 4 * U)
+        assert (before.promotional_units, before.held_units) == (6 * U, U)
+        clock.advance(20)  # the scheduled grant is due, not yet written
+        assert ledger.get_grant(scheduled.id).status == "active"
+        assert scheduled.id in [g.id for g in ledger.grants(user_id, status="active").items]
+        due = ledger.find_by_user_id(user_id)
+        figures = (
+            due.balance_units,
+            due.held_units,
+            due.paid_units,
+            due.promotional_units,
+            due.next_expiry,
+        )
+        assert figures[:4] == (20 * U, U, 10 * U, 10 * U)
+        assert due.next_expiry is not None
+        assert (due.next_expiry.at, due.next_expiry.amount_units) == (aware(50), 4 * U)
+        ledger.settle_grants()
+        written = ledger.find_by_user_id(user_id)
+        assert (
+            written.balance_units,
+            written.held_units,
+            written.paid_units,
+            written.promotional_units,
+            written.next_expiry,
+        ) == figures
+        clock.advance(40)  # the scheduled grant has expired, unwritten
+        late = ledger.find_by_user_id(user_id)
+        assert (late.balance_units, late.promotional_units) == (16 * U, 6 * U)
+        assert late.next_expiry is not None
+        # The held unit came from the soonest grant: 1 + 3 expire together.
+        assert (late.next_expiry.at, late.next_expiry.amount_units) == (aware(100), 4 * U)
+        assert ledger.get_grant(soon.id).held_units == U
+        assert ledger.get_grant(same.id).remaining_units == 3 * U
