@@ -17,8 +17,10 @@ from conftest import Clock
 
 from callora_credits import current_ledger
 from callora_credits.core.money import UNITS_PER_USDC
+from callora_credits.core.pagination import decode_hold_cursor, encode_cursor
 from callora_credits.core.settlement import settle_all
 from callora_credits.db.models import Account, AllocationRow
+from callora_credits.errors import ValidationError
 
 U = UNITS_PER_USDC
 T0 = datetime(2026, 6, 1, 12, 0)  # naive UTC, as stored
@@ -208,3 +210,14 @@ def test_a_balance_read_while_something_is_due_is_the_balance_written_after(app,
         assert ledger.get_grant(same.id).remaining_units == 3 * U
         clock.advance(10 * 365 * 86400)  # leave nothing due for another test's sweep
         ledger.settle_grants()
+
+
+def test_a_hold_cursor_with_a_stamp_strptime_would_read_is_still_refused():
+    # strptime reads "%d" from " 1"; only digits are a stamp this module wrote.
+    forged = encode_cursor("h", "202606 1120000000000", "hold_0a")
+    with pytest.raises(ValidationError):
+        decode_hold_cursor(forged)
+    assert decode_hold_cursor(encode_cursor("h", "20260601120000000000", "hold_0a")) == (
+        datetime(2026, 6, 1, 12, 0),
+        "hold_0a",
+    )
