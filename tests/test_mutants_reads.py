@@ -221,3 +221,25 @@ def test_a_hold_cursor_with_a_stamp_strptime_would_read_is_still_refused():
         datetime(2026, 6, 1, 12, 0),
         "hold_0a",
     )
+
+
+def test_a_read_while_something_is_due_sums_every_paid_grant_and_counts_one_unit(
+    app, clock, user_id
+):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 2 * U)
+        ledger.top_up(user_id, 3 * U)
+        ledger.grant(user_id, 1, expires_at=aware(100))
+        ledger.grant(user_id, U, effective_at=aware(10))
+        clock.advance(20)  # the second grant is due, not yet written
+        due = ledger.find_by_user_id(user_id)
+        assert (due.balance_units, due.paid_units, due.promotional_units) == (
+            6 * U + 1,
+            5 * U,
+            U + 1,
+        )
+        assert due.next_expiry is not None
+        assert (due.next_expiry.at, due.next_expiry.amount_units) == (aware(100), 1)
+        clock.advance(10 * 365 * 86400)  # leave nothing due for another test's sweep
+        ledger.settle_grants()
