@@ -1,0 +1,245 @@
+"""What the reads show and what settlement writes, pinned where mutation
+testing of settlement, reading, the ledger API, pagination and money found
+them unpinned.
+
+Each test compares what a read returns with the rows as written (entries,
+their allocations, grants), on every engine.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import Clock
+
+from callora_credits import current_ledger
+from callora_credits.core.money import UNITS_PER_USDC
+from callora_credits.core.pagination import decode_hold_cursor, encode_cursor
+from callora_credits.core.settlement import settle_all
+from callora_credits.db.models import Account, AllocationRow
+from callora_credits.errors import ValidationError
+
+U = UNITS_PER_USDC
+T0 = datetime(2026, 6, 1, 12, 0)  # naive UTC, as stored
+
+
+@pytest.fixture
+def clock(app: Any) -> Clock:
+    stopped = Clock(T0.replace(tzinfo=timezone.utc))
+    app.extensions["callora_credits"].clock = stopped
+    return stopped
+
+
+def aware(seconds: float) -> datetime:
+    return (T0 + timedelta(seconds=seconds)).replace(tzinfo=timezone.utc)
+
+
+def drawn(ledger: Any, entry_id: str) -> list[tuple[str, int]]:
+    """The allocation rows of one entry, in order."""
+    al = AllocationRow.__table__
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(al).where(al.c.entry_id == entry_id).order_by(al.c.position)
+        ).all()
+    return [(r.grant_id, int(r.amount_units)) for r in rows]
+
+
+def test_every_entry_read_shows_the_grants_it_drew_from(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        paid = ledger.top_up(user_id, 10 * U)
+        promo = ledger.grant(user_id, 5 * U, priority=10)
+        charge = ledger.charge(user_id, 7 * U)
+        hold = ledger.hold(user_id, 2 * U)
+        ledger.capture(hold.id, U)
+        debit = ledger.adjust(user_id, -U, "chargeback")
+        refund = ledger.refund(charge.id, 3 * U)
+        page = ledger.history(user_id, limit=100)
+        by_type = {entry.type: entry for entry in page.items}
+        assert set(by_type) >= {"topup", "grant", "charge", "hold_capture", "adjustment", "refund"}
+        for type_ in ("charge", "hold_capture", "adjustment", "refund"):
+            entry = by_type[type_]
+            rows = drawn(ledger, entry.id)
+            assert rows, type_
+            assert [(a.grant_id, a.amount_units) for a in entry.allocations] == rows
+            again = ledger.get_entry(entry.id)
+            assert again is not None
+            assert again.allocations == entry.allocations
+        assert [(a.grant_id, a.amount_units) for a in by_type["charge"].allocations] == [
+            (promo.id, 5 * U),
+            (paid.grant_id, 2 * U),
+        ]
+        assert debit.allocations == by_type["adjustment"].allocations
+        assert refund.allocations == by_type["refund"].allocations
+
+
+def test_a_status_filter_reads_past_the_first_two_hundred_grants(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        oldest = [ledger.grant(user_id, U) for _ in range(2)]
+        for grant in oldest:
+            ledger.void_grant(grant.id)
+        for _ in range(203):
+            ledger.grant(user_id, U)
+        voided = ledger.grants(user_id, status="voided", limit=1)
+        assert [g.id for g in voided.items] == [oldest[1].id]
+        assert voided.next_cursor is not None
+        rest = ledger.grants(user_id, status="voided", limit=1, cursor=voided.next_cursor)
+        assert ([g.id for g in rest.items], rest.next_cursor) == ([oldest[0].id], None)
+        both = ledger.grants(user_id, status="voided", limit=2)
+        assert ([g.id for g in both.items], both.next_cursor) == (
+            [oldest[1].id, oldest[0].id],
+            None,
+        )
+        active = ledger.grants(user_id, limit=100)
+        assert len(active.items) == 100
+        assert active.next_cursor is not None
+        seen = [g.id for g in active.items]
+        while active.next_cursor is not None:
+            active = ledger.grants(user_id, limit=100, cursor=active.next_cursor)
+            seen += [g.id for g in active.items]
+        assert len(seen) == len(set(seen)) == 203
+
+
+def test_settling_every_account_writes_each_due_event_once(app, user_id):
+    # Long before any other test's clock, so that no other account is due.
+    start = datetime(1991, 1, 1, tzinfo=timezone.utc)
+    app.extensions["callora_credits"].clock = Clock(start)
+    first, second = user_id, f"{user_id}b"
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(first, 10 * U)
+        expiring = ledger.grant(first, 5 * U, expires_at=start + timedelta(seconds=60))
+        ledger.top_up(second, 4 * U)
+        hold = ledger.hold(second, 2 * U, expires_in_seconds=30)
+        scheduled = ledger.grant(
+            second, 3 * U, effective_at=start + timedelta(seconds=90), reference="later"
+        )
+        later = (start + timedelta(seconds=120)).replace(tzinfo=None)
+        with ledger.engine.begin() as conn:
+            assert settle_all(conn, later, batch=1, held_total=False) == 3
+        with ledger.engine.begin() as conn:
+            assert settle_all(conn, later, batch=1) == 0
+        a = Account.__table__
+        with ledger.engine.connect() as conn:
+            rows = {
+                r.user_id: r
+                for r in conn.execute(sa.select(a).where(a.c.user_id.in_([first, second])))
+            }
+        assert (int(rows[first].balance_units), int(rows[first].last_seq)) == (10 * U, 3)
+        assert rows[first].next_due_at is None
+        # Without the held total, the column is left as it was.
+        assert int(rows[second].held_units) == 2 * U
+        assert (int(rows[second].balance_units), int(rows[second].last_seq)) == (7 * U, 2)
+        assert (int(rows[second].scheduled_units), rows[second].next_due_at) == (0, None)
+        expired = ledger.history(first, limit=1).items[0]
+        assert (expired.type, expired.amount_units, expired.balance_after_units) == (
+            "expiration",
+            -5 * U,
+            10 * U,
+        )
+        assert (expired.grant_id, expired.created_at) == (
+            expiring.id,
+            start + timedelta(seconds=60),
+        )
+        credited = ledger.history(second, limit=1).items[0]
+        assert (credited.type, credited.amount_units, credited.balance_after_units) == (
+            "grant",
+            3 * U,
+            7 * U,
+        )
+        assert (credited.grant_id, credited.reference, credited.hold_id) == (
+            scheduled.id,
+            "later",
+            None,
+        )
+        assert credited.created_at == start + timedelta(seconds=90)
+        assert ledger.get_hold(hold.id).status == "expired"
+        active = ledger.get_grant(scheduled.id)
+        assert (active.status, active.transaction_id) == ("active", credited.id)
+
+
+def test_a_balance_read_while_something_is_due_is_the_balance_written_after(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10 * U)
+        soon = ledger.grant(user_id, 2 * U, priority=10, expires_at=aware(100))
+        same = ledger.grant(user_id, 3 * U, priority=20, expires_at=aware(100))
+        ledger.grant(user_id, U, priority=30, expires_at=aware(200))
+        scheduled = ledger.grant(
+            user_id, 4 * U, priority=40, effective_at=aware(10), expires_at=aware(50)
+        )
+        ledger.hold(user_id, U)
+        before = ledger.find_by_user_id(user_id)
+        assert before.next_expiry is not None
+        assert (before.next_expiry.at, before.next_expiry.amount_units) == (aware(100), 4 * U)
+        assert (before.promotional_units, before.held_units) == (6 * U, U)
+        clock.advance(20)  # the scheduled grant is due, not yet written
+        assert ledger.get_grant(scheduled.id).status == "active"
+        assert scheduled.id in [g.id for g in ledger.grants(user_id, status="active").items]
+        due = ledger.find_by_user_id(user_id)
+        figures = (
+            due.balance_units,
+            due.held_units,
+            due.paid_units,
+            due.promotional_units,
+            due.next_expiry,
+        )
+        assert figures[:4] == (20 * U, U, 10 * U, 10 * U)
+        assert due.next_expiry is not None
+        assert (due.next_expiry.at, due.next_expiry.amount_units) == (aware(50), 4 * U)
+        ledger.settle_grants()
+        written = ledger.find_by_user_id(user_id)
+        assert (
+            written.balance_units,
+            written.held_units,
+            written.paid_units,
+            written.promotional_units,
+            written.next_expiry,
+        ) == figures
+        clock.advance(40)  # the scheduled grant has expired, unwritten
+        late = ledger.find_by_user_id(user_id)
+        assert (late.balance_units, late.promotional_units) == (16 * U, 6 * U)
+        assert late.next_expiry is not None
+        # The held unit came from the soonest grant: 1 + 3 expire together.
+        assert (late.next_expiry.at, late.next_expiry.amount_units) == (aware(100), 4 * U)
+        assert ledger.get_grant(soon.id).held_units == U
+        assert ledger.get_grant(same.id).remaining_units == 3 * U
+        clock.advance(10 * 365 * 86400)  # leave nothing due for another test's sweep
+        ledger.settle_grants()
+
+
+def test_a_hold_cursor_with_a_stamp_strptime_would_read_is_still_refused():
+    # strptime reads "%d" from " 1"; only digits are a stamp this module wrote.
+    forged = encode_cursor("h", "202606 1120000000000", "hold_0a")
+    with pytest.raises(ValidationError):
+        decode_hold_cursor(forged)
+    assert decode_hold_cursor(encode_cursor("h", "20260601120000000000", "hold_0a")) == (
+        datetime(2026, 6, 1, 12, 0),
+        "hold_0a",
+    )
+
+
+def test_a_read_while_something_is_due_sums_every_paid_grant_and_counts_one_unit(
+    app, clock, user_id
+):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 2 * U)
+        ledger.top_up(user_id, 3 * U)
+        ledger.grant(user_id, 1, expires_at=aware(100))
+        ledger.grant(user_id, U, effective_at=aware(10))
+        clock.advance(20)  # the second grant is due, not yet written
+        due = ledger.find_by_user_id(user_id)
+        assert (due.balance_units, due.paid_units, due.promotional_units) == (
+            6 * U + 1,
+            5 * U,
+            U + 1,
+        )
+        assert due.next_expiry is not None
+        assert (due.next_expiry.at, due.next_expiry.amount_units) == (aware(100), 1)
+        clock.advance(10 * 365 * 86400)  # leave nothing due for another test's sweep
+        ledger.settle_grants()
