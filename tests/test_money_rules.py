@@ -453,6 +453,11 @@ def test_prune_keeps_live_keys_so_a_retry_still_replays(app, client, admin, serv
     app.extensions["callora_credits"].clock = clock
     app.config["CREDITS_IDEMPOTENCY_TTL_SECONDS"] = 100
     start = clock.now
+    # Another test's keys that would expire within this test's 150 s go first,
+    # so the counts below are this test's own whatever ran before.
+    clock.set(start + timedelta(seconds=150))
+    ledger_of(app).prune_idempotency_keys()
+    clock.set(start)
     topup_key, charge_key = key(), key()
     topup_body = {"user_id": user_id, "amount_usdc": "5"}
     charge_body = {"user_id": user_id, "amount_usdc": "1"}
