@@ -7,7 +7,7 @@ and asserts the figures a correct move leaves.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from test_mutants_moves import T0, account, clean, entries, grant_ids, grants
 
 from callora_credits import current_ledger, signals
 from callora_credits.core.money import UNITS_PER_USDC
+from callora_credits.errors import NotFound, ValidationError
 
 U = UNITS_PER_USDC
 
@@ -132,3 +133,165 @@ def test_adjustments_and_balance_settings_write_paid_grants_and_debits(app, cloc
         ("adjusted", raised.id),
         ("adjusted", lowered.id),
     ]
+
+
+# --- holds: their signals, and a hold placed once an expired one is written ------------
+
+
+def test_holds_send_their_signals_and_an_expired_hold_frees_room_for_a_new_one(
+    app, clock, user_id
+):
+    sent: list[tuple[Any, ...]] = []
+
+    def created(sender: Any, **kw: Any) -> None:
+        if kw["hold"].user_id == user_id:
+            sent.append(("created", kw["hold"].id, kw["hold"].status))
+
+    def captured(sender: Any, **kw: Any) -> None:
+        if kw["hold"].user_id == user_id:
+            sent.append(("captured", kw["hold"].id, kw["hold"].status, kw["entry"].id))
+
+    def released(sender: Any, **kw: Any) -> None:
+        if kw["hold"].user_id == user_id:
+            sent.append(("released", kw["hold"].id, kw["hold"].status))
+
+    pairs = [
+        (signals.hold_created, created),
+        (signals.hold_captured, captured),
+        (signals.hold_released, released),
+    ]
+    for signal, receiver in pairs:
+        signal.connect(receiver)
+    try:
+        with app.app_context():
+            ledger = current_ledger()
+            ledger.top_up(user_id, 5 * U)
+            first = ledger.hold(user_id, 5 * U, expires_in_seconds=60)
+            clock.advance(60)
+            # The first hold's expiry is due: written, it leaves room for this one.
+            second = ledger.hold(user_id, 5 * U, expires_in_seconds=60, metadata={"o": "2"})
+            assert ledger.get_hold(first.id).status == "expired"
+            assert account(ledger, user_id)["held"] == 5 * U
+            taken = ledger.capture(second.id, 2 * U)
+            assert taken.transaction_id is not None
+            capture_entry = entries(ledger, user_id)[-1]
+            assert (capture_entry[1], capture_entry[2], capture_entry[9]) == (
+                "hold_capture",
+                -2 * U,
+                {"o": "2"},
+            )
+            third = ledger.hold(user_id, U)
+            freed = ledger.release(third.id)
+            assert (freed.status, freed.captured_units) == ("released", 0)
+            after = account(ledger, user_id)
+            assert (after["balance"], after["held"]) == (3 * U, 0)
+            clean(ledger, user_id, clock)
+    finally:
+        for signal, receiver in pairs:
+            signal.disconnect(receiver)
+    assert sent == [
+        ("created", first.id, "pending"),
+        ("created", second.id, "pending"),
+        ("captured", second.id, "captured", taken.transaction_id),
+        ("created", third.id, "pending"),
+        ("released", third.id, "released"),
+    ]
+
+
+# --- grants: when they start, what they refuse, and their signals ---------------------
+
+
+def test_a_grant_effective_now_or_before_starts_now_and_a_later_one_is_scheduled(
+    app, clock, user_id
+):
+    created: list[tuple[str, str]] = []
+    voided: list[tuple[str, str, Any]] = []
+
+    def on_created(sender: Any, **kw: Any) -> None:
+        if kw["grant"].user_id == user_id:
+            created.append((kw["grant"].id, kw["grant"].status))
+
+    def on_voided(sender: Any, **kw: Any) -> None:
+        if kw["grant"].user_id == user_id:
+            entry = kw["entry"]
+            voided.append(
+                (kw["grant"].id, kw["grant"].status, None if entry is None else entry.id)
+            )
+
+    signals.grant_created.connect(on_created)
+    signals.grant_voided.connect(on_voided)
+    try:
+        with app.app_context():
+            ledger = current_ledger()
+            past = ledger.grant(user_id, U, effective_at=aware(T0) - timedelta(days=1))
+            assert (past.status, past.effective_at) == ("active", aware(T0))
+            now = ledger.grant(user_id, U, effective_at=aware(T0))
+            assert (now.status, now.effective_at) == ("active", aware(T0))
+            later = ledger.grant(
+                user_id,
+                2 * U,
+                effective_at=aware(T0) + timedelta(seconds=30),
+                expires_at=aware(T0) + timedelta(seconds=90),
+                metadata={"m": "1"},
+                description="soon",
+            )
+            assert (later.status, later.amount_units, later.remaining_units) == (
+                "scheduled",
+                2 * U,
+                2 * U,
+            )
+            assert later.expires_at == aware(T0) + timedelta(seconds=90)
+            assert (later.metadata, later.description) == ({"m": "1"}, "soon")
+            assert account(ledger, user_id)["balance"] == 2 * U
+            assert account(ledger, user_id)["scheduled"] == 2 * U
+            used = ledger.grant(user_id, U)
+            ledger.charge(user_id, 3 * U)
+            # A depleted grant cannot be voided; a scheduled one is voided with no entry.
+            assert ledger.get_grant(past.id).status == "depleted"
+            void_later = ledger.void_grant(later.id)
+            assert void_later.status == "voided"
+            assert account(ledger, user_id)["scheduled"] == 0
+            clock.advance(30)
+            assert ledger.get_grant(later.id).status == "voided"
+            assert account(ledger, user_id)["balance"] == 0
+            clean(ledger, user_id, clock)
+    finally:
+        signals.grant_created.disconnect(on_created)
+        signals.grant_voided.disconnect(on_voided)
+    assert created == [
+        (past.id, "active"),
+        (now.id, "active"),
+        (later.id, "scheduled"),
+        (used.id, "active"),
+    ]
+    assert voided == [(later.id, "voided", None)]
+
+
+def test_only_charges_and_captures_can_be_refunded(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        topup = ledger.top_up(user_id, 5 * U)
+        with pytest.raises(ValidationError) as refused:
+            ledger.refund(topup.id)
+        assert refused.value.message == "Only charge and hold_capture entries can be refunded"
+        assert refused.value.details == [
+            {
+                "field": "transaction_id",
+                "message": "This is a topup entry",
+                "code": "not_refundable",
+            }
+        ]
+        with pytest.raises(NotFound) as missing:
+            ledger.refund("ctx_" + "0" * 24)
+        assert missing.value.message == "No such transaction"
+        hold = ledger.hold(user_id, 2 * U)
+        captured = ledger.capture(hold.id)
+        back = ledger.refund(captured.transaction_id, U)
+        assert (back.type, back.amount_units, back.refund_of) == (
+            "refund",
+            U,
+            captured.transaction_id,
+        )
+        assert [(a.grant_id, a.amount_units) for a in back.allocations] == [(topup.grant_id, U)]
+        assert account(ledger, user_id)["balance"] == 4 * U
+        clean(ledger, user_id, clock)
