@@ -11,11 +11,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from conftest import Clock
 from test_mutants_moves import T0, account, clean, entries, grant_ids, grants
 
 from callora_credits import current_ledger, signals
 from callora_credits.core.money import UNITS_PER_USDC
+from callora_credits.db.models import LedgerEntry
 from callora_credits.errors import NotFound, ValidationError
 
 U = UNITS_PER_USDC
@@ -294,4 +296,68 @@ def test_only_charges_and_captures_can_be_refunded(app, clock, user_id):
         )
         assert [(a.grant_id, a.amount_units) for a in back.allocations] == [(topup.grant_id, U)]
         assert account(ledger, user_id)["balance"] == 4 * U
+        clean(ledger, user_id, clock)
+
+
+# --- what settling tells, and who asked for what leaves a dead grant -----------------
+
+
+@pytest.fixture
+def app_config() -> dict[str, Any]:
+    return {"CREDITS_LOW_BALANCE_USDC": "5"}
+
+
+def test_settling_sends_the_expiry_and_the_low_balance_of_the_account(app, clock, user_id):
+    sent: list[tuple[Any, ...]] = []
+
+    def expired(sender: Any, **kw: Any) -> None:
+        sent.append(("expired", kw.get("grant_id"), kw.get("entry") is not None))
+
+    def low(sender: Any, **kw: Any) -> None:
+        sent.append(("low", kw.get("user_id"), kw.get("balance_units")))
+
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 4 * U)
+        promo = ledger.grant(user_id, 2 * U, expires_at=aware(T0) + timedelta(seconds=10))
+        clock.advance(10)
+        signals.grant_expired.connect(expired)
+        signals.balance_low.connect(low)
+        try:
+            ledger.charge(user_id, 1)  # writes the expiry first
+        finally:
+            signals.grant_expired.disconnect(expired)
+            signals.balance_low.disconnect(low)
+        assert [s for s in sent if s[1] in (promo.id, user_id)] == [
+            ("expired", promo.id, True),
+            ("low", user_id, 4 * U),
+        ]
+        assert account(ledger, user_id)["balance"] == 4 * U - 1
+        clean(ledger, user_id, clock)
+
+
+def test_what_a_refund_gives_back_to_a_voided_grant_leaves_in_the_name_of_who_asked(
+    app, clock, user_id
+):
+    with app.app_context():
+        ledger = current_ledger()
+        promo = ledger.grant(user_id, 2 * U)
+        charge = ledger.charge(user_id, U)
+        ledger.void_grant(promo.id)
+        ledger.refund(charge.id, U, actor_id="admin_3")
+        t = LedgerEntry.__table__
+        with ledger.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.type, t.c.amount_units, t.c.actor_id)
+                .where(t.c.user_id == user_id)
+                .order_by(t.c.seq)
+            ).all()
+        assert [(r.type, int(r.amount_units), r.actor_id) for r in rows] == [
+            ("grant", 2 * U, None),
+            ("charge", -U, None),
+            ("void", -U, None),
+            ("refund", U, "admin_3"),
+            ("void", -U, "admin_3"),
+        ]
+        assert account(ledger, user_id)["balance"] == 0
         clean(ledger, user_id, clock)
