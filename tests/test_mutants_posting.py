@@ -304,7 +304,7 @@ def test_only_charges_and_captures_can_be_refunded(app, clock, user_id):
 
 @pytest.fixture
 def app_config() -> dict[str, Any]:
-    return {"CREDITS_LOW_BALANCE_USDC": "5"}
+    return {"CREDITS_MAX_BALANCE_USDC": "20", "CREDITS_LOW_BALANCE_USDC": "5"}
 
 
 def test_settling_sends_the_expiry_and_the_low_balance_of_the_account(app, clock, user_id):
@@ -360,4 +360,19 @@ def test_what_a_refund_gives_back_to_a_voided_grant_leaves_in_the_name_of_who_as
             ("void", -U, "admin_3"),
         ]
         assert account(ledger, user_id)["balance"] == 0
+        clean(ledger, user_id, clock)
+
+
+def test_a_grant_scheduled_once_an_expiry_is_written_counts_the_balance_left(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10 * U)
+        ledger.grant(user_id, 10 * U, expires_at=aware(T0) + timedelta(seconds=10))
+        clock.advance(10)
+        # The expiry is written under the account's lock first: 10 USDC are
+        # left, and 10 more fit under the limit of 20.
+        later = ledger.grant(user_id, 10 * U, effective_at=aware(T0) + timedelta(seconds=100))
+        assert later.status == "scheduled"
+        after = account(ledger, user_id)
+        assert (after["balance"], after["scheduled"], after["seq"]) == (10 * U, 10 * U, 3)
         clean(ledger, user_id, clock)
