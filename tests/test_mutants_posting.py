@@ -376,3 +376,62 @@ def test_a_grant_scheduled_once_an_expiry_is_written_counts_the_balance_left(app
         after = account(ledger, user_id)
         assert (after["balance"], after["scheduled"], after["seq"]) == (10 * U, 10 * U, 3)
         clean(ledger, user_id, clock)
+
+
+def test_a_capture_signals_from_the_balance_before_and_a_spent_dead_pin_writes_no_entry(
+    app, clock, user_id
+):
+    low: list[int] = []
+
+    def on_low(sender: Any, **kw: Any) -> None:
+        if kw["user_id"] == user_id:
+            low.append(kw["balance_units"])
+
+    signals.balance_low.connect(on_low)
+    try:
+        with app.app_context():
+            ledger = current_ledger()
+            ledger.top_up(user_id, 2 * U)
+            promo = ledger.grant(user_id, 4 * U, expires_at=aware(T0) + timedelta(seconds=60))
+            whole = ledger.hold(user_id, 4 * U, expires_in_seconds=300)
+            part = ledger.hold(user_id, 2 * U, expires_in_seconds=300)
+            clock.advance(60)
+            # The expired grant's pin is spent whole: nothing of it is left to leave.
+            ledger.capture(whole.id)
+            assert low == [2 * U]
+            assert [(e[1], e[2]) for e in entries(ledger, user_id)[2:]] == [
+                ("hold_capture", -4 * U)
+            ]
+            assert ledger.get_grant(promo.id).status == "expired"
+            ledger.release(part.id, actor_id="admin_4")
+            assert [(e[1], e[2]) for e in entries(ledger, user_id)[2:]] == [
+                ("hold_capture", -4 * U)
+            ]
+            assert account(ledger, user_id)["balance"] == 2 * U
+            clean(ledger, user_id, clock)
+    finally:
+        signals.balance_low.disconnect(on_low)
+
+
+def test_what_a_release_gives_back_to_an_expired_grant_leaves_in_the_name_of_who_asked(
+    app, clock, user_id
+):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.grant(user_id, 3 * U, expires_at=aware(T0) + timedelta(seconds=60))
+        hold = ledger.hold(user_id, 2 * U, expires_in_seconds=300)
+        clock.advance(60)
+        ledger.release(hold.id, actor_id="admin_5")
+        t = LedgerEntry.__table__
+        with ledger.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.type, t.c.amount_units, t.c.actor_id)
+                .where(t.c.user_id == user_id)
+                .order_by(t.c.seq)
+            ).all()
+        assert [(r.type, int(r.amount_units), r.actor_id) for r in rows] == [
+            ("grant", 3 * U, None),
+            ("expiration", -U, None),
+            ("expiration", -2 * U, "admin_5"),
+        ]
+        clean(ledger, user_id, clock)
