@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from conftest import Clock
 
 from callora_credits import current_ledger
 from callora_credits.core import signals
@@ -24,22 +25,9 @@ U = UNITS_PER_USDC
 START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
-class StoppedClock:
-    """The library's clock, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
-
-
 @pytest.fixture
-def clock(app: Any) -> StoppedClock:
-    stopped = StoppedClock()
+def clock(app: Any) -> Clock:
+    stopped = Clock(START)
     app.extensions["callora_credits"].clock = stopped
     return stopped
 
@@ -76,14 +64,14 @@ def test_a_pending_hold_read_at_or_past_its_expiry_is_expired_at_its_expiry():
 
 
 def test_a_hold_read_through_the_api_past_its_expiry_is_resolved_at_its_expiry(
-    app: Any, clock: StoppedClock, user_id: str
+    app: Any, clock: Clock, user_id: str
 ) -> None:
     with app.app_context():
         ledger = current_ledger()
         ledger.top_up(user_id, 5 * U)
         hold = ledger.hold(user_id, 2 * U, expires_in_seconds=60)
         assert (hold.status, hold.resolved_at) == ("pending", None)
-        clock.advance(seconds=61)
+        clock.advance(61)
         read = ledger.get_hold(hold.id)
         assert (read.status, read.resolved_at) == ("expired", hold.expires_at)
         # Written, the expiry reads the same (and nothing is left due).
@@ -95,7 +83,7 @@ def test_a_hold_read_through_the_api_past_its_expiry_is_resolved_at_its_expiry(
 
 
 def test_grants_given_read_listed_and_voided_in_a_host_session_go_with_its_rollback(
-    app: Any, clock: StoppedClock, user_id: str
+    app: Any, clock: Clock, user_id: str
 ) -> None:
     with app.app_context():
         ledger = current_ledger()
@@ -117,7 +105,7 @@ def test_grants_given_read_listed_and_voided_in_a_host_session_go_with_its_rollb
 
 
 def test_settling_sends_the_expiry_signal_with_the_app_as_sender(
-    app: Any, clock: StoppedClock, user_id: str
+    app: Any, clock: Clock, user_id: str
 ) -> None:
     heard: list[tuple[Any, dict[str, Any]]] = []
 
@@ -129,7 +117,7 @@ def test_settling_sends_the_expiry_signal_with_the_app_as_sender(
         with app.app_context():
             ledger = current_ledger()
             given = ledger.grant(user_id, 2 * U, expires_at=START + timedelta(minutes=1))
-            clock.advance(minutes=1)
+            clock.advance(60)
             assert heard == []
             assert ledger.settle_grants() >= 1
     finally:
