@@ -104,6 +104,20 @@ def test_a_status_filter_reads_past_the_first_two_hundred_grants(app, clock, use
         assert len(seen) == len(set(seen)) == 203
 
 
+def test_a_grant_closing_a_batch_is_shown_once_when_the_filter_reads_on(app, clock, user_id):
+    # Newest first: 199 voided grants, then `newer` as the 200th row (the last
+    # of the first statement's batch), then `older`. Reading the active ones
+    # goes on from the 200th row, never from the one before it.
+    with app.app_context():
+        ledger = current_ledger()
+        older = ledger.grant(user_id, U)
+        newer = ledger.grant(user_id, U)
+        for _ in range(199):
+            ledger.void_grant(ledger.grant(user_id, U).id)
+        page = ledger.grants(user_id, status="active", limit=10)
+        assert ([g.id for g in page.items], page.next_cursor) == ([newer.id, older.id], None)
+
+
 def test_settling_every_account_writes_each_due_event_once(app, user_id):
     # Long before any other test's clock, so that no other account is due.
     start = datetime(1991, 1, 1, tzinfo=timezone.utc)
