@@ -165,20 +165,33 @@ def make_app(database_url: str, **config: Any) -> Flask:
     return app
 
 
-class Clock:
-    """A controllable UTC clock for the library."""
+#: Where the tests' controllable clock starts.
+CLOCK_START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
-    def __init__(self, start: datetime) -> None:
+
+class Clock:
+    """A controllable UTC clock for the library, moved only by the test."""
+
+    def __init__(self, start: datetime = CLOCK_START) -> None:
         self.now = start
 
     def __call__(self) -> datetime:
         return self.now
 
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+    def advance(self, seconds: float = 0, **delta: float) -> None:
+        """Move on by ``seconds`` and/or ``timedelta`` keywords (``hours=2``)."""
+        self.now += timedelta(seconds=seconds, **delta)
 
     def set(self, when: datetime) -> None:
         self.now = when
+
+
+@pytest.fixture
+def clock(app: Flask) -> Clock:
+    """The ``app`` fixture's clock, stopped at :data:`CLOCK_START`."""
+    stopped = Clock()
+    app.extensions["callora_credits"].clock = stopped
+    return stopped
 
 
 @pytest.fixture

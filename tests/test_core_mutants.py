@@ -839,26 +839,6 @@ def ledger_entry(app: Any, hold: Hold) -> Any:
 # --- holds and keys against a stopped clock --------------------------------------------
 
 
-class StoppedClock:
-    """The library's clock, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock(app):
-    stopped = StoppedClock()
-    app.extensions["callora_credits"].clock = stopped
-    return stopped
-
-
 def test_a_hold_stops_being_pending_the_instant_it_expires(app, clock, user_id):
     with app.app_context():
         ledger = current_ledger()

@@ -45,13 +45,6 @@ START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def clock(app: Flask) -> Clock:
-    clock = Clock(START)
-    app.extensions["callora_credits"].clock = clock
-    return clock
-
-
-@pytest.fixture
 def ledger(app: Flask, clock: Clock) -> Iterator[Ledger]:
     with app.app_context():
         yield current_ledger()

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE, Databases, assert_error, make_app
+from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE, Clock, Databases, assert_error, make_app
 
 from callora_credits import current_ledger
 
@@ -41,26 +41,6 @@ def key() -> dict[str, str]:
 
 def iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class Clock:
-    """A controllable UTC clock for the library."""
-
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
-
-
-@pytest.fixture
-def clock(app):
-    clock = Clock()
-    app.extensions["callora_credits"].clock = clock
-    return clock
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ and by the raw account row itself, never by the library alone.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -25,13 +24,6 @@ from callora_credits.errors import HoldNotPending, InsufficientCredits
 
 WORKERS = 12
 WAIT = 60
-
-
-@pytest.fixture
-def clock(app: Any) -> Clock:
-    clock = Clock(datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc))
-    app.extensions["callora_credits"].clock = clock
-    return clock
 
 
 def row_held(ledger: Any, user_id: str) -> tuple[int, int]:

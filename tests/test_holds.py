@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -21,26 +20,6 @@ U = 10_000_000
 
 def key() -> dict[str, str]:
     return {"Idempotency-Key": uuid.uuid4().hex}
-
-
-class Clock:
-    """A controllable UTC clock for the library."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def clock(app):
-    clock = Clock()
-    app.extensions["callora_credits"].clock = clock
-    return clock
 
 
 @pytest.fixture

@@ -60,13 +60,6 @@ MISSING_ENTRY = "ctx_" + "0" * 24
 
 
 @pytest.fixture
-def clock(app: Flask) -> Clock:
-    clock = Clock(datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc))
-    app.extensions["callora_credits"].clock = clock
-    return clock
-
-
-@pytest.fixture
 def admin(auth: Callable[..., dict[str, str]]) -> dict[str, str]:
     return auth(ADMIN, scopes=ADMIN_SCOPE)
 

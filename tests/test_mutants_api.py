@@ -12,7 +12,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import pytest
 from conftest import Clock
 
 from callora_credits import current_ledger
@@ -23,13 +22,6 @@ from callora_credits.core.records import Hold
 
 U = UNITS_PER_USDC
 START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def clock(app: Any) -> Clock:
-    stopped = Clock(START)
-    app.extensions["callora_credits"].clock = stopped
-    return stopped
 
 
 # --- a hold read past its expiry --------------------------------------------------------

@@ -12,9 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
-from conftest import Clock
 from invariants import ledger_problems
 
 from callora_credits import current_ledger
@@ -23,13 +21,6 @@ from callora_credits.db import grant_rows, hold_rows, store
 
 U = UNITS_PER_USDC
 START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def clock(app: Any) -> Clock:
-    stopped = Clock(START)
-    app.extensions["callora_credits"].clock = stopped
-    return stopped
 
 
 def _tamper(app: Any, *statements: Any) -> None:

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
 import pytest
-from conftest import Databases, make_app
+from conftest import Clock, Databases, make_app
 
 from callora_credits import current_ledger
 from callora_credits.core.grants import DueHold, GrantState, due_events, next_due
@@ -335,26 +335,6 @@ def test_allocations_and_the_next_expiry_document_their_schema():
 # --- the Python API on every engine ----------------------------------------------------
 
 
-class StoppedClock:
-    """The library's clock, moved only by the test."""
-
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
-
-
-@pytest.fixture
-def clock(app):
-    stopped = StoppedClock()
-    app.extensions["callora_credits"].clock = stopped
-    return stopped
-
-
 def test_the_python_api_keeps_every_field_of_a_grant(app, clock, user_id):
     with app.app_context():
         ledger = current_ledger()
@@ -634,7 +614,7 @@ def fresh(engine_name, tmp_path):
     test's events), with a stopped clock."""
     dbs = Databases(tmp_path / "fresh")
     app = make_app(dbs.url(engine_name))
-    clock = StoppedClock()
+    clock = Clock()
     app.extensions["callora_credits"].clock = clock
     yield app, clock
     with app.app_context():

@@ -48,13 +48,6 @@ U = UNITS_PER_USDC
 T0 = datetime(2026, 6, 1, 12, 0)  # naive UTC, as stored
 
 
-@pytest.fixture
-def clock(app: Any) -> Clock:
-    stopped = Clock(T0.replace(tzinfo=timezone.utc))
-    app.extensions["callora_credits"].clock = stopped
-    return stopped
-
-
 def at(seconds: float) -> datetime:
     """T0 + ``seconds``, naive UTC."""
     return T0 + timedelta(seconds=seconds)

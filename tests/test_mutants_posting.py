@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Clock
 from test_mutants_moves import T0, account, clean, entries, grant_ids, grants
 
 from callora_credits import current_ledger, signals
@@ -21,13 +20,6 @@ from callora_credits.db.models import LedgerEntry
 from callora_credits.errors import NotFound, ValidationError
 
 U = UNITS_PER_USDC
-
-
-@pytest.fixture
-def clock(app: Any) -> Clock:
-    stopped = Clock(T0.replace(tzinfo=timezone.utc))
-    app.extensions["callora_credits"].clock = stopped
-    return stopped
 
 
 def aware(naive: datetime) -> datetime:

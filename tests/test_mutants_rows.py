@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import Clock
 
 from callora_credits import current_ledger
 from callora_credits.core.money import UNITS_PER_USDC
@@ -21,13 +19,6 @@ from callora_credits.db import grant_rows, store
 
 U = UNITS_PER_USDC
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def clock(app: Any) -> Clock:
-    stopped = Clock(T0)
-    app.extensions["callora_credits"].clock = stopped
-    return stopped
 
 
 def test_a_dead_grant_still_holding_for_a_pending_hold_is_live(app, clock, user_id):
