@@ -328,6 +328,18 @@ def test_settling_sends_the_expiry_and_the_low_balance_of_the_account(app, clock
         clean(ledger, user_id, clock)
 
 
+def written_by(ledger: Any, user_id: str) -> list[tuple[str, int, str | None]]:
+    """Type, amount and actor of each of the user's entries, in order."""
+    t = LedgerEntry.__table__
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.type, t.c.amount_units, t.c.actor_id)
+            .where(t.c.user_id == user_id)
+            .order_by(t.c.seq)
+        ).all()
+    return [(r.type, int(r.amount_units), r.actor_id) for r in rows]
+
+
 def test_what_a_refund_gives_back_to_a_voided_grant_leaves_in_the_name_of_who_asked(
     app, clock, user_id
 ):
@@ -337,14 +349,7 @@ def test_what_a_refund_gives_back_to_a_voided_grant_leaves_in_the_name_of_who_as
         charge = ledger.charge(user_id, U)
         ledger.void_grant(promo.id)
         ledger.refund(charge.id, U, actor_id="admin_3")
-        t = LedgerEntry.__table__
-        with ledger.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(t.c.type, t.c.amount_units, t.c.actor_id)
-                .where(t.c.user_id == user_id)
-                .order_by(t.c.seq)
-            ).all()
-        assert [(r.type, int(r.amount_units), r.actor_id) for r in rows] == [
+        assert written_by(ledger, user_id) == [
             ("grant", 2 * U, None),
             ("charge", -U, None),
             ("void", -U, None),
@@ -414,14 +419,7 @@ def test_what_a_release_gives_back_to_an_expired_grant_leaves_in_the_name_of_who
         hold = ledger.hold(user_id, 2 * U, expires_in_seconds=300)
         clock.advance(60)
         ledger.release(hold.id, actor_id="admin_5")
-        t = LedgerEntry.__table__
-        with ledger.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(t.c.type, t.c.amount_units, t.c.actor_id)
-                .where(t.c.user_id == user_id)
-                .order_by(t.c.seq)
-            ).all()
-        assert [(r.type, int(r.amount_units), r.actor_id) for r in rows] == [
+        assert written_by(ledger, user_id) == [
             ("grant", 3 * U, None),
             ("expiration", -U, None),
             ("expiration", -2 * U, "admin_5"),
