@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -160,8 +161,43 @@ def _results(module_files: list[str]) -> dict[str, dict[str, int | None]]:
     return found
 
 
+# In docs/mutants/*.md a table row names its mutants in its first cell: a
+# full name (`pkg.module.x_function__mutmut_7`, or its tail from the module
+# on), then more numbers of the same function (`_9`), and `…` for a range.
+_NAMED = re.compile(r"`([\w.\u01c1]+__mutmut_)(\d+)`|`_(\d+)`|(…)")
+
+
+def _listed(docs: Path) -> set[str]:
+    """The mutants the pages under ``docs`` list as equivalent (or out of
+    reach of the SQLite run), with the reason for each."""
+    listed: set[str] = set()
+    for page in sorted(docs.glob("*.md")):
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("| `"):
+                continue
+            prefix, last, ranged = "", 0, False
+            for full, number, short, dots in _NAMED.findall(line.split(" | ")[0]):
+                if dots:
+                    ranged = True
+                    continue
+                if full:
+                    prefix = full
+                value = int(number or short)
+                if not prefix:
+                    continue
+                start = last + 1 if ranged else value
+                listed.update(f"{prefix}{n}" for n in range(start, value + 1))
+                last, ranged = value, False
+    return listed
+
+
+def _is_listed(name: str, listed: set[str]) -> bool:
+    return any(name == entry or name.endswith("." + entry) for entry in listed)
+
+
 def _report(results: dict[str, dict[str, int | None]], complete: bool) -> float:
-    """Print the score of each module and the survivors; return the total score."""
+    """Print the score of each module and the survivors, told apart by whether
+    docs/mutants lists them; return the total score."""
     total: Counter[str] = Counter()
     survivors: list[str] = []
     print()
@@ -176,9 +212,13 @@ def _report(results: dict[str, dict[str, int | None]], complete: bool) -> float:
     if total[NOT_CHECKED]:
         print(f"\n{total[NOT_CHECKED]} mutants were not checked (the run was stopped first).")
     if survivors:
+        listed = _listed(ROOT / "docs" / "mutants")
+        known = [name for name in survivors if _is_listed(name, listed)]
+        unknown = [name for name in survivors if name not in known]
+        print(f"\n{len(known)} survivors are listed in docs/mutants with the reason for each.")
         show = f"cd {WORK.relative_to(ROOT)} && {sys.executable} -m mutmut show NAME"
-        print(f"\nSurvivors (`{show}` shows one as a diff):")
-        for name in survivors:
+        print(f"{len(unknown)} are not (`{show}` shows one as a diff):")
+        for name in unknown:
             print("   ", name)
     if not complete:
         print("\nThe run did not finish: the score counts only the mutants checked.")

@@ -169,6 +169,26 @@ def test_settling_every_account_writes_each_due_event_once(app, user_id):
         assert (active.status, active.transaction_id) == ("active", credited.id)
 
 
+def test_settling_every_account_frees_what_expired_holds_kept(app, user_id):
+    # Long before any other test's clock, so that no other account is due.
+    start = datetime(1992, 1, 1, tzinfo=timezone.utc)
+    app.extensions["callora_credits"].clock = Clock(start)
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10 * U)
+        ledger.hold(user_id, 2 * U, expires_in_seconds=30)
+        ledger.hold(user_id, 3 * U, expires_in_seconds=300)
+        later = (start + timedelta(seconds=60)).replace(tzinfo=None)
+        with ledger.engine.begin() as conn:
+            assert settle_all(conn, later) == 1
+        a = Account.__table__
+        with ledger.engine.connect() as conn:
+            row = conn.execute(sa.select(a).where(a.c.user_id == user_id)).one()
+        # The held total is kept with the schema's: only the live hold's 3 USDC.
+        assert (int(row.balance_units), int(row.held_units)) == (10 * U, 3 * U)
+        assert row.next_due_at == (start + timedelta(seconds=300)).replace(tzinfo=None)
+
+
 def test_a_balance_read_while_something_is_due_is_the_balance_written_after(app, clock, user_id):
     with app.app_context():
         ledger = current_ledger()
