@@ -93,6 +93,21 @@ def test_grants_given_read_listed_and_voided_in_a_host_session_go_with_its_rollb
         assert ledger.history(user_id).items == []
 
 
+def test_a_balance_read_or_created_in_a_host_session_sees_the_hosts_own_work(
+    app: Any, clock: Clock, user_id: str
+) -> None:
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 5 * U)
+        session = app.extensions["sqlalchemy"].session
+        ledger.top_up(user_id, 3 * U, session=session)
+        # Not committed yet: only the host's transaction sees 8 USDC.
+        assert ledger.find_by_user_id(user_id, session=session).balance_units == 8 * U
+        assert ledger.get_or_create_by_user_id(user_id, session=session).balance_units == 8 * U
+        session.rollback()
+        assert ledger.get_or_create_by_user_id(user_id).balance_units == 5 * U
+
+
 # --- settling sends its signals ---------------------------------------------------------
 
 
