@@ -108,7 +108,7 @@ MOVE_GRANT = (
     "AND credits_grants.held_units + %(p_held)s::BIGINT >= %(param_2)s::BIGINT"
 )
 
-# store.insert_entry(): the ledger row.
+# entry_rows.insert_entry(): the ledger row.
 INSERT_ENTRY = (
     "INSERT INTO credits_transactions (id, user_id, seq, type, amount_units, "
     "balance_after_units, reference, description, metadata_json, hold_id, refund_of, "

@@ -48,7 +48,7 @@ from callora_credits.core.pagination import (
     seq_cursor,
 )
 from callora_credits.core.records import METADATA, TIME, UNITS, Hold, Record, attr
-from callora_credits.db import hold_rows, store
+from callora_credits.db import constraints, entry_rows, hold_rows, store
 from callora_credits.db.models import IdempotencyRecord
 from callora_credits.errors import (
     DuplicateReference,
@@ -557,17 +557,23 @@ def test_pruning_removes_expired_keys_only(app, user_id):
 
 def test_the_reference_constraints_are_found_by_their_columns():
     assert (
-        store.unique_constraint(store.entries, "user_id", "type", "reference")
-        is store.ENTRY_REFERENCE
+        constraints.unique_constraint(store.entries, "user_id", "type", "reference")
+        is entry_rows.ENTRY_REFERENCE
     )
-    assert store.unique_constraint(store.holds, "user_id", "reference") is hold_rows.HOLD_REFERENCE
-    with pytest.raises(LookupError, match=r"^credits_transactions has no unique constraint on"):
-        store.unique_constraint(store.entries, "user_id", "reference", "type")
     assert (
-        store._constraint_name(store.ENTRY_REFERENCE)
+        constraints.unique_constraint(store.holds, "user_id", "reference")
+        is hold_rows.HOLD_REFERENCE
+    )
+    with pytest.raises(LookupError, match=r"^credits_transactions has no unique constraint on"):
+        constraints.unique_constraint(store.entries, "user_id", "reference", "type")
+    assert (
+        constraints._constraint_name(entry_rows.ENTRY_REFERENCE)
         == "uq_credits_transactions_user_id_type_reference"
     )
-    assert store._constraint_name(hold_rows.HOLD_REFERENCE) == "uq_credits_holds_user_id_reference"
+    assert (
+        constraints._constraint_name(hold_rows.HOLD_REFERENCE)
+        == "uq_credits_holds_user_id_reference"
+    )
 
 
 def _integrity_error(orig: BaseException) -> sa.exc.IntegrityError:
@@ -625,8 +631,8 @@ ENTRY_NAME = "uq_credits_transactions_user_id_type_reference"
     ],
 )
 def test_each_drivers_duplicate_is_told_apart(orig, expected):
-    assert store.violates(_integrity_error(orig), store.ENTRY_REFERENCE) is expected
-    assert store.violates(_integrity_error(orig), hold_rows.HOLD_REFERENCE) is False
+    assert constraints.violates(_integrity_error(orig), entry_rows.ENTRY_REFERENCE) is expected
+    assert constraints.violates(_integrity_error(orig), hold_rows.HOLD_REFERENCE) is False
 
 
 NOW = datetime(2026, 6, 1, 12, 0)
@@ -692,10 +698,10 @@ def test_a_refunded_amount_is_recorded_on_its_entry_only_and_never_past_it(app, 
         other = ledger.charge(user_id, 3 * U)
         engine = app.extensions["sqlalchemy"].engine
         with engine.begin() as conn:
-            assert store.add_refunded(conn, charge.id, 3 * U + 1) is False
-            assert store.add_refunded(conn, charge.id, 2 * U) is True
-            assert store.add_refunded(conn, charge.id, U + 1) is False
-            assert store.add_refunded(conn, charge.id, U) is True
+            assert entry_rows.add_refunded(conn, charge.id, 3 * U + 1) is False
+            assert entry_rows.add_refunded(conn, charge.id, 2 * U) is True
+            assert entry_rows.add_refunded(conn, charge.id, U + 1) is False
+            assert entry_rows.add_refunded(conn, charge.id, U) is True
         assert ledger.get_entry(charge.id).refunded_units == 3 * U
         assert ledger.get_entry(other.id).refunded_units == 0
 

@@ -24,7 +24,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from callora_credits import current_ledger, signals
 from callora_credits.core.money import UNITS_PER_USDC
-from callora_credits.db import grant_rows, hold_rows, key_rows, store
+from callora_credits.db import entry_rows, grant_rows, hold_rows, key_rows, store
+from callora_credits.db.constraints import violates
 from callora_credits.db.models import (
     Account,
     AllocationRow,
@@ -818,12 +819,12 @@ def test_entries_are_found_by_reference_of_their_user_and_type(app, clock, user_
         charge = ledger.charge(user_id, U, reference="r-1")
         ledger.top_up(user_id + "x", U, reference="r-2")
         with ledger.engine.connect() as conn:
-            assert store.entry_by_reference(conn, user_id, "topup", "r-1") == topup.id
-            assert store.entry_by_reference(conn, user_id, "charge", "r-1") == charge.id
-            assert store.entry_by_reference(conn, user_id, "topup", "r-2") is None
-            assert store.entry_row(conn, charge.id).amount_units == -U
-            assert store.entry_row(conn, charge.id, lock=True).user_id == user_id
-            assert store.entry_row(conn, "ctx_missing") is None
+            assert entry_rows.entry_by_reference(conn, user_id, "topup", "r-1") == topup.id
+            assert entry_rows.entry_by_reference(conn, user_id, "charge", "r-1") == charge.id
+            assert entry_rows.entry_by_reference(conn, user_id, "topup", "r-2") is None
+            assert entry_rows.entry_row(conn, charge.id).amount_units == -U
+            assert entry_rows.entry_row(conn, charge.id, lock=True).user_id == user_id
+            assert entry_rows.entry_row(conn, "ctx_missing") is None
 
 
 def test_grant_rows_read_by_id_page_reference_and_liveness(app, clock, user_id):
@@ -997,7 +998,7 @@ def test_a_driver_error_without_a_constraint_name_is_no_duplicate():
         diag = Diag()
 
     error = sa.exc.IntegrityError("INSERT …", {}, Unnamed("duplicate"))
-    assert store.violates(error, store.ENTRY_REFERENCE) is False
+    assert violates(error, entry_rows.ENTRY_REFERENCE) is False
 
 
 def test_the_credit_upsert_as_built_brings_the_due_time_forward_and_waits_for_it(app, user_id):

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import Clock
 
-from callora_credits import current_ledger
+from callora_credits import current_ledger, signals
 from callora_credits.core.money import UNITS_PER_USDC
 from callora_credits.core.pagination import decode_hold_cursor, encode_cursor
 from callora_credits.core.settlement import settle_all
@@ -270,3 +270,75 @@ def test_a_read_while_something_is_due_sums_every_paid_grant_and_counts_one_unit
         assert (due.next_expiry.at, due.next_expiry.amount_units) == (aware(100), 1)
         clock.advance(10 * 365 * 86400)  # leave nothing due for another test's sweep
         ledger.settle_grants()
+
+
+# --- what settling writes and signals ------------------------------------------------------
+
+
+def _hear_expiries(app: Any) -> tuple[list[dict[str, Any]], Any]:
+    heard: list[dict[str, Any]] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        heard.append(kwargs)
+
+    signals.grant_expired.connect(receiver, sender=app)
+    return heard, receiver
+
+
+def test_settled_expiries_are_plain_entries_and_a_pin_returning_late_carries_its_hold(
+    app, clock, user_id
+):
+    heard, receiver = _hear_expiries(app)
+    try:
+        with app.app_context():
+            ledger = current_ledger()
+            promo = ledger.grant(user_id, 5 * U, reference="camp-1", expires_at=aware(60))
+            hold = ledger.hold(user_id, 2 * U, expires_in_seconds=300)
+            clock.advance(61)
+            assert ledger.settle_grants() >= 1
+            expired = ledger.history(user_id, limit=1).items[0]
+            assert (expired.type, expired.amount_units, expired.grant_id) == (
+                "expiration",
+                -3 * U,
+                promo.id,
+            )
+            # No reference (the grant's is the grant entry's), no hold, no
+            # metadata, no allocations; an id the API reads back.
+            assert (expired.reference, expired.hold_id, expired.metadata) == (None, None, {})
+            assert expired.allocations == ()
+            assert expired.id.startswith("ctx_")
+            assert ledger.get_entry(expired.id) == expired
+            ours = [kw for kw in heard if kw.get("grant_id") == promo.id]
+            assert [(kw["entry"].id, kw["entry"].allocations) for kw in ours] == [(expired.id, ())]
+            # The hold expires later: its pin goes back to the expired grant
+            # and leaves at once, in the hold's name; the grant expired once.
+            clock.advance(240)
+            assert ledger.settle_grants() >= 1
+            back = ledger.history(user_id, limit=1).items[0]
+            assert (back.type, back.amount_units, back.hold_id, back.reference) == (
+                "expiration",
+                -2 * U,
+                hold.id,
+                None,
+            )
+            assert len([kw for kw in heard if kw.get("grant_id") == promo.id]) == 1
+            assert ledger.find_by_user_id(user_id).balance_units == 0
+    finally:
+        signals.grant_expired.disconnect(receiver, sender=app)
+
+
+def test_a_grant_expiring_while_all_of_it_is_held_signals_without_an_entry(app, clock, user_id):
+    heard, receiver = _hear_expiries(app)
+    try:
+        with app.app_context():
+            ledger = current_ledger()
+            promo = ledger.grant(user_id, 2 * U, expires_at=aware(60))
+            ledger.hold(user_id, 2 * U, expires_in_seconds=300)
+            clock.advance(61)
+            assert ledger.settle_grants() >= 1
+            assert [kw for kw in heard if kw.get("grant_id") == promo.id] == [
+                {"grant_id": promo.id, "entry": None}
+            ]
+            assert [e.type for e in ledger.history(user_id).items] == ["grant"]
+    finally:
+        signals.grant_expired.disconnect(receiver, sender=app)

@@ -22,7 +22,8 @@ from invariants import ledger_problems
 from callora_credits import current_ledger
 from callora_credits.core.idempotency import CallCodec, IdempotencyScope
 from callora_credits.core.operations import CreateHold
-from callora_credits.db import hold_rows, store
+from callora_credits.db import entry_rows, hold_rows, store
+from callora_credits.db.constraints import violates
 from callora_credits.db.models import Account, HoldRow, IdempotencyRecord, LedgerEntry
 from callora_credits.errors import DuplicateReference, ValidationError
 
@@ -312,8 +313,8 @@ def test_violates_names_only_its_own_constraint(app, user_id):
         for name, (values, expected) in cases.items():
             with pytest.raises(sa.exc.DBAPIError) as raised, engine.begin() as conn:
                 conn.execute(sa.insert(store.entries).values(values))
-            assert store.violates(raised.value, store.ENTRY_REFERENCE) is expected, name
-            assert store.violates(raised.value, hold_rows.HOLD_REFERENCE) is False, name
+            assert violates(raised.value, entry_rows.ENTRY_REFERENCE) is expected, name
+            assert violates(raised.value, hold_rows.HOLD_REFERENCE) is False, name
 
 
 def test_a_duplicate_hold_reference_is_409_with_the_existing_hold(app, user_id):

@@ -3,7 +3,7 @@ debit drew from."""
 
 from __future__ import annotations
 
-from ..db import grant_rows, store
+from ..db import entry_rows, grant_rows, store
 from ..errors import (
     BalanceLimitExceeded,
     GrantNotActive,
@@ -78,7 +78,7 @@ class GrantMoves(Moves):
     # --- debits ------------------------------------------------------------------
 
     def _refund(self, op: Refund) -> Entry:
-        found = store.entry_row(self.conn, op.transaction_id)
+        found = entry_rows.entry_row(self.conn, op.transaction_id)
         if found is None:
             raise NotFound("No such transaction")
         self.user_id = user_id = found.user_id
@@ -95,7 +95,7 @@ class GrantMoves(Moves):
             )
         # Lock order: the account first, as every balance change does.
         self._lock(user_id)
-        locked = store.entry_row(self.conn, op.transaction_id, lock=True)
+        locked = entry_rows.entry_row(self.conn, op.transaction_id, lock=True)
         assert locked is not None
         drawn = -int(locked.amount_units)
         refunded = int(locked.refunded_units)
@@ -138,7 +138,7 @@ class GrantMoves(Moves):
             draws=back,
             metadata={},
         )
-        if not store.add_refunded(self.conn, op.transaction_id, units):  # pragma: no cover
+        if not entry_rows.add_refunded(self.conn, op.transaction_id, units):  # pragma: no cover
             raise RefundExceedsCharge()
         for grant, part in back:
             if grant.dead:
@@ -192,7 +192,7 @@ class GrantMoves(Moves):
             reference=None,
             description=None,
         )
-        if not store.add_refunded(self.conn, op.transaction_id, units):  # pragma: no cover
+        if not entry_rows.add_refunded(self.conn, op.transaction_id, units):  # pragma: no cover
             raise RefundExceedsCharge()
         self._after_commit(signals.credits_refunded, entry=entry)
         return entry

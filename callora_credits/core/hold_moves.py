@@ -9,6 +9,7 @@ from datetime import timedelta
 from sqlalchemy.exc import IntegrityError
 
 from ..db import grant_rows, hold_rows, store
+from ..db.constraints import violates
 from ..errors import (
     HoldAmountExceeded,
     HoldNotPending,
@@ -61,7 +62,7 @@ class HoldMoves(Moves):
         try:
             hold_rows.insert_hold(self.conn, {**hold.row_values(), "actor_id": op.actor_id})
         except IntegrityError as exc:
-            if op.reference is not None and store.violates(exc, hold_rows.HOLD_REFERENCE):
+            if op.reference is not None and violates(exc, hold_rows.HOLD_REFERENCE):
                 raise self._duplicate("hold", op.reference) from None
             raise
         grant_rows.insert_allocations(

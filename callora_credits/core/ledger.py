@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from typing_extensions import Unpack
 
 from ..config import CreditsConfig
-from ..db import hold_rows, key_rows, store
+from ..db import entry_rows, hold_rows, key_rows, store
 from ..db.connections import configure_engine
 from ..db.unit_of_work import HostSession, RetryStats, Tx, run
 from ..db.usage import BucketSums, usage_sums
@@ -165,7 +165,7 @@ class Ledger(GrantsAPI):
             return None
 
         def work(tx: Tx) -> Entry | None:
-            row = store.entry_row(tx.conn, transaction_id)
+            row = entry_rows.entry_row(tx.conn, transaction_id)
             return None if row is None else read_entries(tx.conn, [row])[0]
 
         return self._run(work, session, write=False)

@@ -16,7 +16,8 @@ from typing import Any, Literal, Protocol
 
 from sqlalchemy.exc import IntegrityError
 
-from ..db import grant_rows, hold_rows, store
+from ..db import entry_rows, grant_rows, hold_rows, store
+from ..db.constraints import violates
 from ..db.unit_of_work import Tx
 from ..errors import (
     BalanceLimitExceeded,
@@ -174,9 +175,9 @@ class Moves:
             created_at=utc(self.now),
         )
         try:
-            store.insert_entry(self.conn, entry.row_values())
+            entry_rows.insert_entry(self.conn, entry.row_values())
         except IntegrityError as exc:
-            if entry.reference is not None and store.violates(exc, store.ENTRY_REFERENCE):
+            if entry.reference is not None and violates(exc, entry_rows.ENTRY_REFERENCE):
                 raise self._duplicate(entry.type, entry.reference) from None
             raise
         grant_rows.insert_allocations(
@@ -300,7 +301,7 @@ class Moves:
         try:
             grant_rows.insert_grant(self.conn, values)
         except IntegrityError as exc:
-            if reference is not None and store.violates(exc, grant_rows.GRANT_REFERENCE):
+            if reference is not None and violates(exc, grant_rows.GRANT_REFERENCE):
                 raise self._duplicate(origin, reference) from None
             raise
         return grant
@@ -428,7 +429,9 @@ def describe_duplicate(tx: Tx, taken: ReferenceTaken) -> DuplicateReference:
             ]
         )
     else:
-        existing = store.entry_by_reference(tx.conn, taken.user_id, taken.type, taken.reference)
+        existing = entry_rows.entry_by_reference(
+            tx.conn, taken.user_id, taken.type, taken.reference
+        )
     return DuplicateReference(
         details=[
             {

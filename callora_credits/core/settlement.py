@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from ..db import grant_rows, hold_rows, store
+from ..db import entry_rows, grant_rows, hold_rows, store
 from .clock import utc
 from .grants import DueEvent, DueHold, GrantState, due_events, next_due
 from .records import Entry
@@ -116,7 +116,7 @@ def settle(
                 actor_id=None,
                 created_at=utc(event.at),
             )
-            store.insert_entry(conn, entry.row_values())
+            entry_rows.insert_entry(conn, entry.row_values())
             written.append(entry)
             if type_ == "grant":
                 transaction_of[grant.id] = entry.id

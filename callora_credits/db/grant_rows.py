@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
+from .constraints import unique_constraint
 from .models import AllocationRow, GrantRow, Timestamp
 from .prepared import PreparedStatement
-from .store import unique_constraint
 from .unit_of_work import RetryTransaction
 
 __all__ = [

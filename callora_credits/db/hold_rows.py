@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from .store import holds, is_mysql, unique_constraint
+from .constraints import unique_constraint
+from .store import holds, is_mysql
 
 __all__ = [
     "HOLD_REFERENCE",

@@ -11,7 +11,6 @@ from typing import Any
 
 from sqlalchemy import (
     Table,
-    UniqueConstraint,
     and_,
     bindparam,
     case,
@@ -23,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from .models import Account, GrantRow, HoldRow, IdempotencyRecord, LedgerEntry, Timestamp
@@ -31,7 +30,6 @@ from .prepared import PreparedStatement
 from .unit_of_work import RetryTransaction
 
 __all__ = [
-    "ENTRY_REFERENCE",
     "accounts",
     "balance_row",
     "credit",
@@ -41,10 +39,8 @@ __all__ = [
     "holds",
     "idempotency",
     "insert_account_if_missing",
-    "insert_entry",
     "lock_account",
     "release",
-    "violates",
 ]
 
 accounts: Table = Account.__table__  # type: ignore[assignment]
@@ -52,45 +48,6 @@ holds: Table = HoldRow.__table__  # type: ignore[assignment]
 entries: Table = LedgerEntry.__table__  # type: ignore[assignment]
 idempotency: Table = IdempotencyRecord.__table__  # type: ignore[assignment]
 _grants: Table = GrantRow.__table__  # type: ignore[assignment]
-
-
-def unique_constraint(table: Table, *columns: str) -> UniqueConstraint:
-    for constraint in table.constraints:
-        if isinstance(constraint, UniqueConstraint) and [
-            c.name for c in constraint.columns
-        ] == list(columns):
-            return constraint
-    raise LookupError(f"{table.name} has no unique constraint on {columns}")  # pragma: no cover
-
-
-#: The unique constraints that make a reference credit (or hold) at most once.
-ENTRY_REFERENCE = unique_constraint(entries, "user_id", "type", "reference")
-
-
-def _constraint_name(constraint: UniqueConstraint) -> str:
-    # The naming convention of models.metadata, as the migrations spell it.
-    table = constraint.table.name
-    return f"uq_{table}_" + "_".join(column.name for column in constraint.columns)
-
-
-def violates(exc: DBAPIError, constraint: UniqueConstraint) -> bool:
-    """Whether ``exc`` is a violation of ``constraint``, and of nothing else.
-
-    Told apart by the constraint's name (PostgreSQL's diagnostics, MariaDB's
-    message) or, on SQLite, which reports no name, by its columns. A CHECK or
-    NOT NULL violation is never mistaken for a duplicate.
-    """
-    orig = exc.orig
-    name = _constraint_name(constraint)
-    diag = getattr(orig, "diag", None)
-    if diag is not None:  # psycopg 3 and psycopg2
-        return bool(getattr(diag, "constraint_name", None) == name)
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):  # PyMySQL: (1062, "Duplicate entry … for key '…'")
-        return args[0] == 1062 and f"'{name}'" in str(args[1] if len(args) > 1 else "")
-    table = constraint.table.name
-    columns = ", ".join(f"{table}.{column.name}" for column in constraint.columns)
-    return str(orig) == f"UNIQUE constraint failed: {columns}"
 
 
 # The hot statements are built once, with bind parameters: building a
@@ -456,44 +413,6 @@ def credit(
     if applied != 1:
         return None
     return int(locked.balance_units), int(locked.last_seq), int(locked.last_grant_number)
-
-
-_ENTRY_COLUMNS = [column.name for column in entries.columns]
-_INSERT_ENTRY = PreparedStatement(insert(entries), column_keys=_ENTRY_COLUMNS)
-
-
-def insert_entry(conn: Connection, values: dict[str, Any]) -> None:
-    """Insert a ledger row."""
-    _INSERT_ENTRY.rowcount(conn, values)
-
-
-def entry_by_reference(conn: Connection, user_id: str, type_: str, reference: str) -> str | None:
-    """The id of the user's entry of ``type_`` with ``reference``, if any."""
-    stmt = select(entries.c.id).where(
-        entries.c.user_id == user_id, entries.c.type == type_, entries.c.reference == reference
-    )
-    found: str | None = conn.execute(stmt).scalar()
-    return found
-
-
-def entry_row(conn: Connection, entry_id: str, *, lock: bool = False) -> Any:
-    stmt = select(entries).where(entries.c.id == entry_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    return conn.execute(stmt).first()
-
-
-def add_refunded(conn: Connection, entry_id: str, units: int) -> bool:
-    """Record ``units`` refunded on a debit entry, never past its amount."""
-    stmt = (
-        update(entries)
-        .where(
-            entries.c.id == entry_id,
-            entries.c.refunded_units + units <= -entries.c.amount_units,
-        )
-        .values(refunded_units=entries.c.refunded_units + units)
-    )
-    return bool(conn.execute(stmt).rowcount == 1)
 
 
 def settle_account(
