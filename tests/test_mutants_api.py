@@ -108,6 +108,27 @@ def test_a_balance_read_or_created_in_a_host_session_sees_the_hosts_own_work(
         assert ledger.get_or_create_by_user_id(user_id).balance_units == 5 * U
 
 
+def test_usage_read_in_a_host_session_counts_the_hosts_own_work(
+    app: Any, clock: Clock, user_id: str
+) -> None:
+    with app.app_context():
+        ledger = current_ledger()
+        session = app.extensions["sqlalchemy"].session
+        ledger.top_up(user_id, 70 * U, session=session)
+        ledger.charge(user_id, 7 * U, session=session)
+        clock.advance(60)
+        window = {"since": START - timedelta(days=1), "until": START + timedelta(hours=1)}
+        # Not committed yet: the sums and the available balance are the host's.
+        seen = ledger.usage(user_id, **window, session=session)
+        assert sum(b.debited_units for b in seen.buckets) == 7 * U
+        assert ledger.usage(user_id, **window).depletion_estimate is None
+        session.commit()
+        assert ledger.usage(user_id, **window) == seen
+        # 63 USDC left at 1 USDC a day (7 over the last 7 days): 63 days.
+        assert seen.depletion_estimate is not None
+        assert seen.depletion_estimate.at == clock.now + timedelta(days=63)
+
+
 # --- settling sends its signals ---------------------------------------------------------
 
 
