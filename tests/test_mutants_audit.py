@@ -392,3 +392,95 @@ def test_a_replayed_grant_is_the_same_grant(app, clock, user_id):
         again = ledger.grant(user_id, 2 * U, idempotency_key=key)
         assert again == first
         assert ledger.find_by_user_id(user_id).balance_units == 2 * U
+
+
+# --- reconcile: rows that are missing altogether ---------------------------------------
+
+
+def test_reconcile_names_an_account_whose_grants_are_all_gone(app, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 3 * U)
+        # A hold of one unit: what the grants hold must be compared with it,
+        # not with a default of one.
+        ledger.hold(user_id, 1)
+    g, al = grant_rows.grants, grant_rows.allocations
+    _tamper(app, sa.delete(al).where(al.c.user_id == user_id))
+    _tamper(app, sa.delete(g).where(g.c.user_id == user_id))
+    problems = _problems(app, user_id)
+    assert (user_id, "balance 3.0000000 != its grants' remaining + held 0.0000000") in problems
+    assert (user_id, "grants hold 0.0000000 but pending holds reserve 0.0000001") in problems
+
+
+def test_reconcile_names_a_debit_of_one_unit_without_allocations(app, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, U)
+        charge = ledger.charge(user_id, 1)
+    al = grant_rows.allocations
+    _tamper(app, sa.delete(al).where(al.c.entry_id == charge.id))
+    assert (
+        user_id,
+        f"charge {charge.id} of -0.0000001: allocations add up to 0.0000000",
+    ) in _problems(app, user_id)
+
+
+def test_reconcile_of_every_account_skips_each_ones_debits_from_before_grants(app, clock, user_id):
+    # Two accounts whose grants a migration folded in, at different instants.
+    users = [user_id, user_id + "_b"]
+    g, al, t = grant_rows.grants, grant_rows.allocations, store.entries
+    for step, user in enumerate(users):
+        clock.advance(10 * step)
+        with app.app_context():
+            ledger = current_ledger()
+            top_up = ledger.top_up(user, 10 * U)
+            before = ledger.charge(user, 3 * U)
+        at = _one(app, sa.select(t.c.created_at).where(t.c.id == before.id)).created_at
+        _tamper(
+            app,
+            sa.update(g)
+            .where(g.c.id == _grant_of(app, top_up.id))
+            .values(origin="migration", created_at=at, amount_units=7 * U),
+            sa.delete(al).where(al.c.entry_id == before.id),
+        )
+    assert _problems(app, *users) == []
+    assert _problems(app, users[1], users[0]) == []
+
+
+def _grant_problem(grant: Any, remaining: int, held: int, taken: int) -> str:
+    return (
+        f"grant {grant.id} of {_u(grant.amount_units)}: remaining {_u(remaining)} + held "
+        f"{_u(held)} + taken out {_u(taken)} do not add up"
+    )
+
+
+def test_reconcile_names_a_grant_not_started_that_holds_or_gave_anything(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10 * U)
+        charge = ledger.charge(user_id, U)
+        # Grants of one unit: a wrong total of one must not pass for them.
+        later = START + timedelta(hours=1)
+        scheduled = ledger.grant(user_id, 1, effective_at=later)
+        voided = ledger.grant(user_id, 1, effective_at=later)
+        ledger.void_grant(voided.id)
+    assert _problems(app, user_id) == []
+    g, al = grant_rows.grants, grant_rows.allocations
+    # The voided one holds a unit it cannot hold: its amount adds up, yet it is
+    # named. (A grant not started cannot: its parts would pass its amount.)
+    _tamper(app, sa.update(g).where(g.c.id == voided.id).values(held_units=1))
+    assert (user_id, _grant_problem(voided, 0, 1, 0)) in _problems(app, user_id)
+    # Each gave a unit to a charge instead.
+    _tamper(
+        app,
+        sa.update(g).where(g.c.id == voided.id).values(held_units=0),
+        sa.insert(al).values(
+            user_id=user_id, entry_id=charge.id, position=98, grant_id=scheduled.id, amount_units=1
+        ),
+        sa.insert(al).values(
+            user_id=user_id, entry_id=charge.id, position=99, grant_id=voided.id, amount_units=1
+        ),
+    )
+    problems = _problems(app, user_id)
+    assert (user_id, _grant_problem(scheduled, 1, 0, 1)) in problems
+    assert (user_id, _grant_problem(voided, 0, 0, 1)) in problems

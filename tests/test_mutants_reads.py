@@ -342,3 +342,23 @@ def test_a_grant_expiring_while_all_of_it_is_held_signals_without_an_entry(app, 
             assert [e.type for e in ledger.history(user_id).items] == ["grant"]
     finally:
         signals.grant_expired.disconnect(receiver, sender=app)
+
+
+def test_holds_expiring_at_one_instant_give_back_in_the_order_they_were_placed(
+    app, clock, user_id
+):
+    # Six holds placed a second apart, all expiring at the same instant, all
+    # pinned to a grant that has expired by then: each pin leaves with its
+    # own entry, oldest hold first (not in the order of their random ids).
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.grant(user_id, 6 * U, expires_at=aware(60))
+        placed = []
+        for step in range(6):
+            placed.append(ledger.hold(user_id, U, expires_in_seconds=600 - step).id)
+            clock.advance(1)
+        clock.set(aware(600))
+        assert ledger.settle_grants() >= 1
+        back = [e for e in ledger.history(user_id, limit=20).items if e.hold_id is not None]
+        assert [e.hold_id for e in reversed(back)] == placed
+        assert {e.type for e in back} == {"expiration"}

@@ -34,7 +34,6 @@ class Projection:
     written: dict[str, tuple[int, int, str]]
     rows: dict[str, Any]
     events: list[DueEvent]
-    due_holds: list[DueHold]
     later_hold_expiries: list[datetime]
 
     @property
@@ -66,7 +65,7 @@ def project(conn: Connection, user_id: str, balance_units: int, now: datetime) -
     events = due_events(list(states.values()), due_holds, now)
     balance = balance_units + sum(units for event in events for _, _, units in event.movements)
     later = [hold.expires_at for hold in holds if hold.expires_at > now]
-    return Projection(balance, states, written, rows, events, due_holds, later)
+    return Projection(balance, states, written, rows, events, later)
 
 
 def settle(
