@@ -8,6 +8,7 @@ their allocations, grants), on every engine.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -19,7 +20,7 @@ from callora_credits import current_ledger, signals
 from callora_credits.core.money import UNITS_PER_USDC
 from callora_credits.core.pagination import decode_hold_cursor, encode_cursor
 from callora_credits.core.settlement import settle_all
-from callora_credits.db.models import Account, AllocationRow
+from callora_credits.db.models import Account, AllocationRow, HoldRow
 from callora_credits.errors import ValidationError
 
 U = UNITS_PER_USDC
@@ -362,3 +363,27 @@ def test_holds_expiring_at_one_instant_give_back_in_the_order_they_were_placed(
         back = [e for e in ledger.history(user_id, limit=20).items if e.hold_id is not None]
         assert [e.hold_id for e in reversed(back)] == placed
         assert {e.type for e in back} == {"expiration"}
+
+
+def test_ids_have_the_documented_prefix_and_a_hold_expiry_is_due_on_its_account(
+    app, clock, user_id
+):
+    with app.app_context():
+        ledger = current_ledger()
+        top_up = ledger.top_up(user_id, 5 * U)
+        given = ledger.grant(user_id, U)
+        later = ledger.grant(user_id, U, effective_at=aware(3600))
+        hold = ledger.hold(user_id, 2 * U, expires_in_seconds=60)
+        ids = [(top_up.id, "ctx"), (given.id, "grant"), (later.id, "grant"), (hold.id, "hold")]
+        for found, prefix in ids:
+            assert re.fullmatch(prefix + r"_[0-9a-f]{24}", found), found
+        # The hold made its expiry the account's next due time: settling at
+        # that instant writes it, with no other event to bring it forward.
+        clock.advance(60)
+        assert ledger.settle_grants() >= 1
+        h, a = HoldRow.__table__, Account.__table__
+        with ledger.engine.connect() as conn:
+            status = conn.execute(sa.select(h.c.status).where(h.c.id == hold.id)).scalar()
+            account = conn.execute(sa.select(a).where(a.c.user_id == user_id)).one()
+        assert (status, int(account.held_units)) == ("expired", 0)
+        assert account.next_due_at == T0 + timedelta(seconds=3600)  # the scheduled grant
