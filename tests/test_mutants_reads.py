@@ -387,3 +387,37 @@ def test_ids_have_the_documented_prefix_and_a_hold_expiry_is_due_on_its_account(
             account = conn.execute(sa.select(a).where(a.c.user_id == user_id)).one()
         assert (status, int(account.held_units)) == ("expired", 0)
         assert account.next_due_at == T0 + timedelta(seconds=3600)  # the scheduled grant
+
+
+def test_a_capture_refused_while_something_is_due_settles_and_still_frees_its_hold(
+    app, clock, user_id
+):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10 * U)
+        ledger.grant(user_id, 2 * U, effective_at=aware(60))
+        hold = ledger.hold(user_id, 3 * U, expires_in_seconds=600)
+        clock.advance(61)
+        # The activation is due: the capture's first update is refused, the
+        # activation is written, and the capture tried again, releasing the hold.
+        captured = ledger.capture(hold.id)
+        assert (captured.status, captured.captured_units) == ("captured", 3 * U)
+        a = Account.__table__
+        with ledger.engine.connect() as conn:
+            row = conn.execute(sa.select(a).where(a.c.user_id == user_id)).one()
+        assert (int(row.balance_units), int(row.held_units)) == (9 * U, 0)
+
+
+def test_a_grant_with_one_unit_left_is_still_drawn_first(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 10 * U)
+        promo = ledger.grant(user_id, 1, priority=10)
+        charge = ledger.charge(user_id, 1)
+        assert [(a.grant_id, a.amount_units) for a in charge.allocations] == [(promo.id, 1)]
+
+
+def test_a_top_up_names_its_expiry_when_it_is_not_a_usable_instant(app, user_id):
+    with app.app_context(), pytest.raises(ValidationError) as raised:
+        current_ledger().top_up(user_id, U, expires_at=T0)  # naive
+    assert [d["field"] for d in raised.value.details] == ["expires_at"]
