@@ -172,7 +172,6 @@ def test_a_hold_expiry_comes_before_a_grant_starting_at_the_same_instant() -> No
         priority=50,
         effective_at=at - timedelta(minutes=1),
         expires_at=None,
-        voided_at=None,
         status="active",
     )
     scheduled = GrantState(
@@ -186,7 +185,6 @@ def test_a_hold_expiry_comes_before_a_grant_starting_at_the_same_instant() -> No
         priority=50,
         effective_at=at,
         expires_at=None,
-        voided_at=None,
         status="scheduled",
     )
     hold = DueHold("h1", at - timedelta(minutes=1), at, [("g1", 4)])
@@ -214,7 +212,6 @@ def test_a_debit_draws_only_from_active_grants_with_something_left_before_their_
             priority=50,
             effective_at=now - timedelta(days=1),
             expires_at=expires,
-            voided_at=None,
             status=status,
         )
 

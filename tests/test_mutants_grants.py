@@ -665,7 +665,6 @@ def _state(number: int, status: str = "active", **fields: Any) -> GrantState:
         "priority": 50,
         "effective_at": T0,
         "expires_at": None,
-        "voided_at": None,
         "status": status,
         **fields,
     }

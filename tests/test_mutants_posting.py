@@ -16,7 +16,7 @@ from test_mutants_moves import T0, account, clean, entries, grant_ids, grants
 
 from callora_credits import current_ledger, signals
 from callora_credits.core.money import UNITS_PER_USDC
-from callora_credits.db.models import LedgerEntry
+from callora_credits.db.models import Account, LedgerEntry
 from callora_credits.errors import NotFound, ValidationError
 
 U = UNITS_PER_USDC
@@ -425,3 +425,39 @@ def test_what_a_release_gives_back_to_an_expired_grant_leaves_in_the_name_of_who
             ("expiration", -2 * U, "admin_5"),
         ]
         clean(ledger, user_id, clock)
+
+
+def test_a_top_up_to_exactly_the_limit_is_taken(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        entry = ledger.top_up(user_id, 20 * U)
+        assert entry.balance_after_units == 20 * U
+
+
+def test_a_top_up_tried_again_after_settling_keeps_its_expiry_due(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.grant(user_id, 2 * U, effective_at=aware(T0) + timedelta(seconds=60))
+        clock.advance(61)
+        # The activation is due: the top-up's first update is refused, the
+        # activation written, and the top-up tried again, its expiry now due.
+        expiry = aware(T0) + timedelta(hours=1)
+        ledger.top_up(user_id, 5 * U, expires_at=expiry)
+        a = Account.__table__
+        with ledger.engine.connect() as conn:
+            row = conn.execute(sa.select(a).where(a.c.user_id == user_id)).one()
+        assert (int(row.balance_units), row.next_due_at) == (7 * U, expiry.replace(tzinfo=None))
+
+
+def test_adjustments_and_balance_settings_have_empty_metadata(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        made = [
+            ledger.adjust(user_id, U, "goodwill"),
+            ledger.adjust(user_id, -U // 2, "correction"),
+            ledger.update_balance(user_id, 7 * U),
+        ]
+        for entry in made:
+            assert entry is not None
+            assert entry.metadata == {}
+            assert ledger.get_entry(entry.id).metadata == {}

@@ -162,7 +162,6 @@ class GrantMoves(Moves):
             priority=50,
             effective_at=self.now,
             expires_at=None,
-            voided_at=None,
             status="active",
         )
         entry = self._entry(

@@ -47,7 +47,6 @@ class GrantState:
     priority: int
     effective_at: datetime
     expires_at: datetime | None
-    voided_at: datetime | None
     status: str
 
     @classmethod
@@ -64,7 +63,6 @@ class GrantState:
             priority=int(row.priority),
             effective_at=row.effective_at,
             expires_at=row.expires_at,
-            voided_at=row.voided_at,
             status=row.status,
         )
 

@@ -137,7 +137,7 @@ class Moves:
 
     def _entry(
         self,
-        op: Operation | None,
+        op: Operation,
         user_id: str,
         type_: str,
         amount_units: int,
@@ -171,7 +171,7 @@ class Moves:
             refunded_units=0,
             grant_id=grant_id,
             allocations=tuple(Allocation(grant.id, units) for grant, units in draws),
-            actor_id=None if op is None else op.actor_id,
+            actor_id=op.actor_id,
             created_at=utc(self.now),
         )
         try:
@@ -357,7 +357,7 @@ class Moves:
 
     def _leave(
         self,
-        op: Operation | None,
+        op: Operation,
         grant: GrantState,
         units: int,
         hold_id: str | None = None,
