@@ -461,3 +461,16 @@ def test_adjustments_and_balance_settings_have_empty_metadata(app, clock, user_i
             assert entry is not None
             assert entry.metadata == {}
             assert ledger.get_entry(entry.id).metadata == {}
+
+
+def test_the_grant_a_top_up_brings_in_keeps_no_metadata_of_its_own(app, clock, user_id):
+    # The top-up's metadata is the entry's; only a grant given as a grant has
+    # metadata of its own.
+    with app.app_context():
+        ledger = current_ledger()
+        top_up = ledger.top_up(user_id, U, metadata={"order": "A-1"})
+        given = ledger.grant(user_id, U, metadata={"campaign": "spring"})
+        assert top_up.metadata == {"order": "A-1"}
+        assert top_up.grant_id is not None
+        assert ledger.get_grant(top_up.grant_id).metadata == {}
+        assert ledger.get_grant(given.id).metadata == {"campaign": "spring"}

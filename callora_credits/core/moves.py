@@ -297,7 +297,7 @@ class Moves:
             created_at=utc(self.now),
         )
         values = grant.row_values()
-        values.update(number=number, origin=origin, actor_id=op.actor_id, status=status)
+        values.update(number=number, origin=origin, actor_id=op.actor_id)
         try:
             grant_rows.insert_grant(self.conn, values)
         except IntegrityError as exc:
