@@ -474,3 +474,22 @@ def test_the_grant_a_top_up_brings_in_keeps_no_metadata_of_its_own(app, clock, u
         assert top_up.grant_id is not None
         assert ledger.get_grant(top_up.grant_id).metadata == {}
         assert ledger.get_grant(given.id).metadata == {"campaign": "spring"}
+
+
+def test_a_hold_tried_again_after_settling_keeps_its_expiry_due(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 5 * U)
+        ledger.grant(user_id, 2 * U, effective_at=aware(T0) + timedelta(seconds=60))
+        clock.advance(61)
+        # The activation is due: the hold's first update is refused, the
+        # activation written, and the hold placed on the second try, its
+        # expiry now the account's next due time.
+        hold = ledger.hold(user_id, 3 * U, expires_in_seconds=600)
+        a = Account.__table__
+        with ledger.engine.connect() as conn:
+            row = conn.execute(sa.select(a).where(a.c.user_id == user_id)).one()
+        assert (int(row.held_units), row.next_due_at) == (
+            3 * U,
+            hold.expires_at.replace(tzinfo=None),
+        )
