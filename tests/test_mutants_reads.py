@@ -419,5 +419,15 @@ def test_a_grant_with_one_unit_left_is_still_drawn_first(app, clock, user_id):
 
 def test_a_top_up_names_its_expiry_when_it_is_not_a_usable_instant(app, user_id):
     with app.app_context(), pytest.raises(ValidationError) as raised:
-        current_ledger().top_up(user_id, U, expires_at=T0)  # naive
+        current_ledger().top_up(user_id, U, expires_at=datetime(2100, 1, 1))  # naive
     assert [d["field"] for d in raised.value.details] == ["expires_at"]
+
+
+def test_a_top_up_refused_for_its_expiry_leaves_its_key_unused(app, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        key = f"{user_id}-topup"
+        with pytest.raises(ValidationError):
+            ledger.top_up(user_id, U, expires_at=datetime(2100, 1, 1), idempotency_key=key)
+        entry = ledger.top_up(user_id, U, idempotency_key=key)
+        assert (entry.type, entry.amount_units) == ("topup", U)
