@@ -226,3 +226,37 @@ def test_a_debit_draws_only_from_active_grants_with_something_left_before_their_
     assert consumption_order([*others, spendable], now) == [spendable]
     assert draw([*others, spendable], 4, now) == [(spendable, 4)]
     assert draw([*others, spendable], 5, now) is None
+
+
+# --- the edges of what an operation accepts ---------------------------------------------
+
+
+def test_the_edges_of_references_metadata_and_instants(app: Any, user_id: str) -> None:
+    from callora_credits.core.operations import MAX_METADATA_KEYS
+    from callora_credits.errors import ValidationError
+
+    with app.app_context():
+        ledger = current_ledger()
+        # A one-character reference and an empty metadata value are fine.
+        entry = ledger.top_up(user_id, U, reference="r", metadata={"note": ""})
+        assert (entry.reference, entry.metadata) == ("r", {"note": ""})
+        refused: list[tuple[dict[str, Any], dict[str, str]]] = [
+            (
+                {"metadata": {f"k{i}": "v" for i in range(MAX_METADATA_KEYS + 1)}},
+                {"field": "metadata", "message": f"Use at most {MAX_METADATA_KEYS} keys"},
+            ),
+            (
+                # Aware, but past the last instant UTC can hold.
+                {"expires_at": datetime.max.replace(tzinfo=timezone(timedelta(hours=-5)))},
+                {"field": "expires_at", "message": "Out of range", "code": "datetime"},
+            ),
+        ]
+        for options, expected in refused:
+            try:
+                ledger.top_up(user_id, U, **options)
+            except ValidationError as exc:
+                (detail,) = exc.details
+                assert {k: detail[k] for k in expected} == expected
+            else:  # pragma: no cover - reported
+                raise AssertionError(f"accepted: {options}")
+        assert ledger.find_by_user_id(user_id).balance_units == U

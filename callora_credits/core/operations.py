@@ -211,7 +211,7 @@ def _instant(field_name: str, value: object) -> None:
         )
     try:
         naive(value)
-    except (OverflowError, ValueError):  # pragma: no cover - aware datetimes convert
+    except (OverflowError, ValueError):  # past the last instant UTC can hold
         raise ValidationError.on(field_name, "Out of range", "datetime") from None
 
 
