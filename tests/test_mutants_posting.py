@@ -493,3 +493,15 @@ def test_a_hold_tried_again_after_settling_keeps_its_expiry_due(app, clock, user
             3 * U,
             hold.expires_at.replace(tzinfo=None),
         )
+
+
+def test_top_ups_and_charges_keep_their_descriptions(app, clock, user_id):
+    with app.app_context():
+        ledger = current_ledger()
+        top_up = ledger.top_up(user_id, 2 * U, description="card payment")
+        charge = ledger.charge(user_id, U, description="GET /v1/search")
+        assert (top_up.description, charge.description) == ("card payment", "GET /v1/search")
+        assert [e.description for e in ledger.history(user_id).items] == [
+            "GET /v1/search",
+            "card payment",
+        ]
