@@ -25,6 +25,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.engine import make_url
 
 from callora_credits import credits_bp, migrate
+from callora_credits.errors import NotFound, ValidationError
 
 SECRET = "test-secret-key-that-is-long-enough-for-hs256"
 #: The Redis of the rate limit tests (shared: each test keeps to a key prefix of its own).
@@ -192,6 +193,24 @@ def clock(app: Flask) -> Clock:
     stopped = Clock()
     app.extensions["callora_credits"].clock = stopped
     return stopped
+
+
+def assert_only_debits_refundable(ledger: Any, top_up_id: str) -> None:
+    """Refunding the top-up ``top_up_id``, or an entry that does not exist,
+    is refused with what the Python API says about each."""
+    with pytest.raises(ValidationError) as refused:
+        ledger.refund(top_up_id)
+    assert refused.value.message == "Only charge and hold_capture entries can be refunded"
+    assert refused.value.details == [
+        {
+            "field": "transaction_id",
+            "message": "This is a topup entry",
+            "code": "not_refundable",
+        }
+    ]
+    with pytest.raises(NotFound) as missing:
+        ledger.refund("ctx_" + "0" * 24)
+    assert missing.value.message == "No such transaction"
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import Clock
+from test_mutants_moves import account
 
 from callora_credits import current_ledger, signals
 from callora_credits.core.money import UNITS_PER_USDC
@@ -182,12 +183,10 @@ def test_settling_every_account_frees_what_expired_holds_kept(app, user_id):
         later = (start + timedelta(seconds=60)).replace(tzinfo=None)
         with ledger.engine.begin() as conn:
             assert settle_all(conn, later) == 1
-        a = Account.__table__
-        with ledger.engine.connect() as conn:
-            row = conn.execute(sa.select(a).where(a.c.user_id == user_id)).one()
+        after = account(ledger, user_id)
         # The held total is kept with the schema's: only the live hold's 3 USDC.
-        assert (int(row.balance_units), int(row.held_units)) == (10 * U, 3 * U)
-        assert row.next_due_at == (start + timedelta(seconds=300)).replace(tzinfo=None)
+        assert (after["balance"], after["held"]) == (10 * U, 3 * U)
+        assert after["due"] == (start + timedelta(seconds=300)).replace(tzinfo=None)
 
 
 def test_a_balance_read_while_something_is_due_is_the_balance_written_after(app, clock, user_id):
@@ -381,12 +380,12 @@ def test_ids_have_the_documented_prefix_and_a_hold_expiry_is_due_on_its_account(
         # that instant writes it, with no other event to bring it forward.
         clock.advance(60)
         assert ledger.settle_grants() >= 1
-        h, a = HoldRow.__table__, Account.__table__
+        h = HoldRow.__table__
         with ledger.engine.connect() as conn:
             status = conn.execute(sa.select(h.c.status).where(h.c.id == hold.id)).scalar()
-            account = conn.execute(sa.select(a).where(a.c.user_id == user_id)).one()
-        assert (status, int(account.held_units)) == ("expired", 0)
-        assert account.next_due_at == T0 + timedelta(seconds=3600)  # the scheduled grant
+        after = account(ledger, user_id)
+        assert (status, after["held"]) == ("expired", 0)
+        assert after["due"] == T0 + timedelta(seconds=3600)  # the scheduled grant
 
 
 def test_a_capture_refused_while_something_is_due_settles_and_still_frees_its_hold(
@@ -402,10 +401,8 @@ def test_a_capture_refused_while_something_is_due_settles_and_still_frees_its_ho
         # activation is written, and the capture tried again, releasing the hold.
         captured = ledger.capture(hold.id)
         assert (captured.status, captured.captured_units) == ("captured", 3 * U)
-        a = Account.__table__
-        with ledger.engine.connect() as conn:
-            row = conn.execute(sa.select(a).where(a.c.user_id == user_id)).one()
-        assert (int(row.balance_units), int(row.held_units)) == (9 * U, 0)
+        after = account(ledger, user_id)
+        assert (after["balance"], after["held"]) == (9 * U, 0)
 
 
 def test_a_grant_with_one_unit_left_is_still_drawn_first(app, clock, user_id):
