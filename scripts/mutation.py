@@ -68,6 +68,9 @@ STATUS_BY_EXIT_CODE: dict[int | None, str] = {
     255: TIMEOUT,
     None: NOT_CHECKED,
 }
+STATUSES = (KILLED, SURVIVED, TIMEOUT, NO_TESTS, NOT_CHECKED, OTHER)
+# Not a status: how many survivors docs/mutants lists, counted beside them.
+LISTED = "listed"
 
 
 def _config() -> dict[str, list[str]]:
@@ -197,22 +200,31 @@ def _is_listed(name: str, listed: set[str]) -> bool:
 
 def _report(results: dict[str, dict[str, int | None]], complete: bool) -> float:
     """Print the score of each module and the survivors, told apart by whether
-    docs/mutants lists them; return the total score."""
+    docs/mutants lists them; return the total score.
+
+    Two scores: of every mutant checked, and of those left once the listed
+    ones (equivalent, or out of the SQLite run's reach) are set aside.
+    """
+    listed = _listed(ROOT / "docs" / "mutants")
     total: Counter[str] = Counter()
     survivors: list[str] = []
     print()
-    print(f"{'module':40} {'mutants':>7} {'killed':>7} {'survived':>8} {'no tests':>8}  score")
+    print(
+        f"{'module':40} {'mutants':>7} {'killed':>7} {'survived':>8} {'no tests':>8} "
+        f"{'listed':>7}  score  unlisted"
+    )
     for module_file, codes in results.items():
         status = {name: STATUS_BY_EXIT_CODE.get(code, OTHER) for name, code in codes.items()}
         counts: Counter[str] = Counter(status.values())
+        left = sorted(name for name, s in status.items() if s in (SURVIVED, NO_TESTS, OTHER))
+        counts[LISTED] = sum(1 for name in left if _is_listed(name, listed))
         total.update(counts)
-        survivors += sorted(name for name, s in status.items() if s in (SURVIVED, NO_TESTS, OTHER))
+        survivors += left
         print(_line(module_file, counts))
     print(_line("total", total))
     if total[NOT_CHECKED]:
         print(f"\n{total[NOT_CHECKED]} mutants were not checked (the run was stopped first).")
     if survivors:
-        listed = _listed(ROOT / "docs" / "mutants")
         known = [name for name in survivors if _is_listed(name, listed)]
         unknown = [name for name in survivors if name not in known]
         print(f"\n{len(known)} survivors are listed in docs/mutants with the reason for each.")
@@ -225,18 +237,22 @@ def _report(results: dict[str, dict[str, int | None]], complete: bool) -> float:
     return _score(total)
 
 
-def _score(counts: Counter[str]) -> float:
-    # A timeout is a kill (the mutant never finished); "not checked" is not counted.
-    checked = sum(counts.values()) - counts[NOT_CHECKED]
+def _score(counts: Counter[str], *, unlisted: bool = False) -> float:
+    # A timeout is a kill (the mutant never finished); "not checked" is not
+    # counted, nor, for the unlisted score, the listed survivors.
+    checked = sum(counts[status] for status in STATUSES) - counts[NOT_CHECKED]
+    if unlisted:
+        checked -= counts[LISTED]
     return 100.0 * (counts[KILLED] + counts[TIMEOUT]) / checked if checked else 0.0
 
 
 def _line(name: str, counts: Counter[str]) -> str:
-    mutants = sum(counts.values())
+    mutants = sum(counts[status] for status in STATUSES)
     killed = counts[KILLED] + counts[TIMEOUT]
     return (
         f"{name:40} {mutants:>7} {killed:>7} {counts[SURVIVED] + counts[OTHER]:>8} "
-        f"{counts[NO_TESTS]:>8} {_score(counts):>5.1f}%"
+        f"{counts[NO_TESTS]:>8} {counts[LISTED]:>7} {_score(counts):>5.1f}% "
+        f"{_score(counts, unlisted=True):>8.1f}%"
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from conftest import Clock
 
 from callora_credits import current_ledger
@@ -260,3 +261,105 @@ def test_the_edges_of_references_metadata_and_instants(app: Any, user_id: str) -
             else:  # pragma: no cover - reported
                 raise AssertionError(f"accepted: {options}")
         assert ledger.find_by_user_id(user_id).balance_units == U
+
+
+def test_an_amount_that_is_not_an_int_of_units_is_refused_by_name(app: Any, user_id: str) -> None:
+    from decimal import Decimal
+
+    from callora_credits.errors import ValidationError
+
+    expected = {
+        "field": "amount_usdc",
+        "message": "Amount must be an int of units (1 USDC = 10000000 units)",
+        "code": "type",
+    }
+    with app.app_context():
+        ledger = current_ledger()
+        for amount in (1.0, True, Decimal(1), "1"):
+            for move in (ledger.top_up, ledger.charge):
+                with pytest.raises(ValidationError) as refused:
+                    move(user_id, amount)  # type: ignore[arg-type]
+                assert refused.value.details == [expected], amount
+        assert ledger.find_by_user_id(user_id) is None
+
+
+# --- a duplicate that keeps losing the race for its key ---------------------------------
+
+
+def _hide_the_winner(monkeypatch: Any, times: int) -> list[int]:
+    """Make the key's record invisible to the next ``times`` look-ups.
+
+    On SQLite writes take turns, so the race a server can run (the original
+    commits between a duplicate's look-up and its insert) is played here by
+    hiding the committed record from the look-up; the insert still loses on
+    the real primary key.
+    """
+    from callora_credits.db import key_rows
+
+    real = key_rows.find_idempotency
+    hidden: list[int] = []
+
+    def find(conn: Any, key_hash: str) -> Any:
+        if len(hidden) < times:
+            hidden.append(1)
+            return None
+        return real(conn, key_hash)
+
+    monkeypatch.setattr(key_rows, "find_idempotency", find)
+    return hidden
+
+
+def _charges(app: Any, user_id: str) -> list[str]:
+    with app.app_context():
+        return [
+            e.id for e in current_ledger().history(user_id, limit=50).items if e.type == "charge"
+        ]
+
+
+def test_a_duplicate_losing_once_replays_even_with_no_wait(host: Any, user_id: str) -> None:
+    app = host(CREDITS_IDEMPOTENCY_WAIT_SECONDS=0)
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 5 * U)
+        first = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
+        # The retry loses on the key once, past the (zero) wait: it replays.
+        again = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
+        assert again == first
+        assert ledger.find_by_user_id(user_id).balance_units == 4 * U
+    assert _charges(app, user_id) == [first.id]
+
+
+def test_a_duplicate_losing_twice_within_the_wait_replays(
+    host: Any, user_id: str, monkeypatch: Any
+) -> None:
+    app = host(CREDITS_IDEMPOTENCY_WAIT_SECONDS=30)
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 5 * U)
+        first = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
+        hidden = _hide_the_winner(monkeypatch, times=1)
+        again = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
+        assert hidden == [1]
+        assert again == first
+        assert ledger.find_by_user_id(user_id).balance_units == 4 * U
+    assert _charges(app, user_id) == [first.id]
+
+
+def test_a_duplicate_losing_twice_past_the_wait_is_in_progress_and_changes_nothing(
+    host: Any, user_id: str, monkeypatch: Any
+) -> None:
+    from callora_credits.errors import IdempotencyInProgress
+
+    app = host(CREDITS_IDEMPOTENCY_WAIT_SECONDS=0)
+    with app.app_context():
+        ledger = current_ledger()
+        ledger.top_up(user_id, 5 * U)
+        first = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
+        hidden = _hide_the_winner(monkeypatch, times=1)
+        with pytest.raises(IdempotencyInProgress):
+            ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
+        assert hidden == [1]
+        # Nothing was stored for the refusal: the next retry replays.
+        assert ledger.charge(user_id, U, idempotency_key=f"{user_id}-c") == first
+        assert ledger.find_by_user_id(user_id).balance_units == 4 * U
+    assert _charges(app, user_id) == [first.id]
