@@ -232,6 +232,16 @@ def _report(results: dict[str, dict[str, int | None]], complete: bool) -> float:
         print(f"{len(unknown)} are not (`{show}` shows one as a diff):")
         for name in unknown:
             print("   ", name)
+    stale = sorted(
+        name
+        for codes in results.values()
+        for name, code in codes.items()
+        if STATUS_BY_EXIT_CODE.get(code) in (KILLED, TIMEOUT) and _is_listed(name, listed)
+    )
+    if stale:
+        print(f"\n{len(stale)} mutants listed in docs/mutants were killed (a stale listing):")
+        for name in stale:
+            print("   ", name)
     if not complete:
         print("\nThe run did not finish: the score counts only the mutants checked.")
     return _score(total)
