@@ -91,6 +91,29 @@ def test_balance_limit(app, user_id):
             ledger.top_up(f"{user_id}_new", 11 * U)
 
 
+def test_a_set_balance_is_bounded_by_the_balance_limit_not_the_amount_limit(host, user_id):
+    from callora_credits.errors import ValidationError
+
+    app = host(CREDITS_MAX_AMOUNT_USDC="10", CREDITS_MAX_BALANCE_USDC="1000")
+    with app.app_context():
+        ledger = current_ledger()
+        # One adjustment of 500 USDC, fifty times what a request may carry.
+        assert ledger.update_balance(user_id, 500 * U).amount_units == 500 * U
+        with pytest.raises(BalanceLimitExceeded):
+            ledger.update_balance(user_id, 1000 * U + 1)
+        assert ledger.update_balance(user_id, 1000 * U).amount_units == 500 * U
+        assert ledger.update_balance(user_id, 0).amount_units == -1000 * U
+        # An adjustment names an amount, and keeps the per-request bound.
+        with pytest.raises(ValidationError):
+            ledger.adjust(user_id, 11 * U, reason="too large")
+        assert ledger.find_by_user_id(user_id).balance_units == 0
+        assert [e.amount_units for e in ledger.history(user_id).items] == [
+            -1000 * U,
+            500 * U,
+            500 * U,
+        ]
+
+
 def test_partial_refunds_never_exceed_the_charge(app, user_id):
     with app.app_context():
         ledger = current_ledger()
