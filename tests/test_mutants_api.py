@@ -363,3 +363,89 @@ def test_a_duplicate_losing_twice_past_the_wait_is_in_progress_and_changes_nothi
         assert ledger.charge(user_id, U, idempotency_key=f"{user_id}-c") == first
         assert ledger.find_by_user_id(user_id).balance_units == 4 * U
     assert _charges(app, user_id) == [first.id]
+
+
+def test_identities_are_up_to_128_characters_and_text_must_be_storable(
+    app: Any, user_id: str
+) -> None:
+    from callora_credits.core.operations import MAX_IDENTITY_LENGTH
+    from callora_credits.errors import ValidationError
+
+    longest = (user_id + "x" * MAX_IDENTITY_LENGTH)[:MAX_IDENTITY_LENGTH]
+    with app.app_context():
+        ledger = current_ledger()
+        assert ledger.top_up(longest, U).user_id == longest
+        with pytest.raises(ValidationError) as refused:
+            ledger.top_up(longest + "x", U)
+        assert [d["field"] for d in refused.value.details] == ["user_id"]
+        # A lone surrogate cannot be encoded for any engine; NUL is refused too.
+        for text in ("a\ud800b", "a\x00b"):
+            with pytest.raises(ValidationError) as refused:
+                ledger.top_up(longest, U, description=text)
+            assert [d["field"] for d in refused.value.details] == ["description"]
+        assert ledger.find_by_user_id(longest).balance_units == U
+
+
+# --- the Ledger object ------------------------------------------------------------------
+
+
+def test_a_ledger_counts_its_retries_and_sends_signals_as_itself_unless_told(
+    app: Any, user_id: str
+) -> None:
+    from callora_credits.core.ledger import Ledger
+    from callora_credits.db.unit_of_work import RetryStats
+
+    with app.app_context():
+        host_ledger = current_ledger()
+        plain = Ledger(host_ledger.engine, host_ledger.config)
+        shared, owner = RetryStats(), object()
+        told = Ledger(host_ledger.engine, host_ledger.config, stats=shared, sender=owner)
+        assert told.stats is shared
+        senders: list[Any] = []
+
+        def received(sender: Any, **_: Any) -> None:
+            senders.append(sender)
+
+        with signals.credits_topped_up.connected_to(received):
+            for ledger, name in ((plain, "plain"), (told, "told")):
+                key = f"{user_id}-{name}"
+                first = ledger.top_up(user_id, U, idempotency_key=key)
+                # A duplicate loses on the key once, then replays: one retry.
+                assert ledger.top_up(user_id, U, idempotency_key=key) == first
+                assert ledger.stats.counts == {"conflict": 1}
+        assert senders == [plain, owner]
+        assert shared.counts == {"conflict": 1}
+        assert host_ledger.find_by_user_id(user_id).balance_units == 2 * U
+
+
+def test_a_lost_database_is_given_up_on_after_the_configured_seconds(host: Any) -> None:
+    """``CREDITS_DB_RETRY_SECONDS`` bounds the retrying even when many more
+    retries are allowed (a database that cannot be opened fails at once, so
+    only the seconds bound stops it)."""
+    import time
+    import uuid
+
+    from callora_credits.errors import ServiceUnavailable
+
+    app = host(
+        f"sqlite:////nonexistent-{uuid.uuid4().hex}/credits.db",
+        CREDITS_DB_RETRIES=10_000,
+        CREDITS_DB_RETRY_SECONDS=0.2,
+    )
+    with app.app_context():
+        ledger = current_ledger()
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable):
+            ledger.top_up("user_lost", U)
+        # The default bound is 5 s; 0.2 s of retrying ends well before it.
+        assert time.monotonic() - started < 3
+        assert 0 < ledger.stats.counts["connect"] < 10_000
+
+
+def test_the_json_the_library_writes_is_compact_utf_8() -> None:
+    """Stored and sent bodies are compact JSON whose text is UTF-8 as given,
+    not ``\\u`` escapes: a description reads back byte for byte."""
+    from callora_credits.core.records import dumps
+
+    body = dumps({"description": "café ☕", "amount_usdc": "1.0000000"})
+    assert body == '{"description":"café ☕","amount_usdc":"1.0000000"}'.encode()
