@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument(
-        "--minutes", type=float, default=90, help="stop after this many minutes (default 90)"
+        "--minutes", type=float, default=120, help="stop after this many minutes (default 120)"
     )
     parser.add_argument(
         "--fail-under", type=float, default=0, help="exit 1 if the score is below this percentage"
