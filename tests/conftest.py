@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,31 @@ def make_app(database_url: str, **config: Any) -> Flask:
         JWTManager(app)
     app.register_blueprint(credits_bp, url_prefix="/api/billing")
     return app
+
+
+#: ``CREDITS_MAX_AMOUNT_USDC``'s default, in units.
+MAX_AMOUNT_UNITS = 1_000_000_000 * 10_000_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits an operation checks, at the defaults, without an app."""
+
+    max_amount_units: int = MAX_AMOUNT_UNITS
+    hold_ttl_seconds: int = 300
+    hold_ttl_max_seconds: int = 86_400
+
+
+LIMITS = Limits()
+
+
+def refusal(build: Callable[[], object]) -> dict[str, str]:
+    """The one detail of the ``ValidationError`` that ``build()`` raises."""
+    with pytest.raises(ValidationError) as caught:
+        build()
+    assert caught.value.code == "VALIDATION_ERROR"
+    (detail,) = caught.value.details
+    return dict(detail)
 
 
 #: Where the tests' controllable clock starts.

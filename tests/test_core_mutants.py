@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
-from conftest import SERVICE_SCOPE, assert_only_debits_refundable, make_token
+from conftest import LIMITS, SERVICE_SCOPE, assert_only_debits_refundable, make_token, refusal
 from sqlalchemy.dialects import postgresql, sqlite
 
 from callora_credits import current_ledger, signals
@@ -124,24 +124,6 @@ def test_format_units_pads_seven_decimals_and_keeps_the_sign():
 # --- operations: each refusal names its field, code and message -----------------------
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_amount_units: int = MAX
-    hold_ttl_seconds: int = 300
-    hold_ttl_max_seconds: int = 86_400
-
-
-LIMITS = Limits()
-
-
-def _refusal(build: Callable[[], object]) -> dict[str, str]:
-    with pytest.raises(ValidationError) as caught:
-        build()
-    assert caught.value.code == "VALIDATION_ERROR"
-    (detail,) = caught.value.details
-    return dict(detail)
-
-
 TTL_MESSAGE = "expires_in_seconds must be 1 to 86400"
 
 
@@ -156,7 +138,7 @@ TTL_MESSAGE = "expires_in_seconds must be 1 to 86400"
     ],
 )
 def test_a_hold_lifetime_is_refused_with_the_request_models_code(ttl, code):
-    detail = _refusal(
+    detail = refusal(
         lambda: CreateHold(limits=LIMITS, user_id="u", amount_units=1, expires_in_seconds=ttl)
     )
     assert detail == {"field": "expires_in_seconds", "message": TTL_MESSAGE, "code": code}
@@ -204,15 +186,15 @@ BAD_ACTOR = {
     ],
 )
 def test_reasons_are_checked_where_they_are_written(build, expected):
-    assert _refusal(build) == expected
+    assert refusal(build) == expected
 
 
 def test_descriptions_and_hold_references_are_checked():
-    description = _refusal(
+    description = refusal(
         lambda: TopUp(limits=LIMITS, user_id="u", amount_units=1, description="d" * 501)
     )
     assert (description["field"], description["code"]) == ("description", "text")
-    reference = _refusal(
+    reference = refusal(
         lambda: CreateHold(limits=LIMITS, user_id="u", amount_units=1, reference="")
     )
     assert reference == {
@@ -247,7 +229,7 @@ OPERATIONS = {
 @pytest.mark.parametrize("name", list(OPERATIONS))
 @pytest.mark.parametrize("actor", ["", "a\x00b", "x" * 129, 5])
 def test_every_operation_checks_its_actor(name, actor):
-    assert _refusal(lambda: OPERATIONS[name](actor)) == BAD_ACTOR
+    assert refusal(lambda: OPERATIONS[name](actor)) == BAD_ACTOR
 
 
 @pytest.mark.parametrize("name", list(OPERATIONS))
@@ -276,8 +258,8 @@ def test_an_id_that_cannot_exist_is_not_found_without_a_look_up(build, message):
 
 def test_an_id_that_is_not_a_string_is_a_type_error_of_field_id():
     expected = {"field": "id", "message": "Use the id as a string", "code": "type"}
-    assert _refusal(lambda: Release(limits=LIMITS, hold_id=5)) == expected
-    assert _refusal(lambda: Refund(limits=LIMITS, transaction_id=None)) == expected
+    assert refusal(lambda: Release(limits=LIMITS, hold_id=5)) == expected
+    assert refusal(lambda: Refund(limits=LIMITS, transaction_id=None)) == expected
 
 
 # --- records: one declaration per field, on a record no other test has cached ----------
@@ -393,7 +375,7 @@ def test_a_records_response_model_is_its_json_schema():
     "decode", [decode_seq_cursor, decode_hold_cursor], ids=["entries", "holds"]
 )
 def test_a_foreign_cursor_names_the_cursor_field(decode):
-    detail = _refusal(lambda: decode("bm90LWEtY3Vyc29y"))
+    detail = refusal(lambda: decode("bm90LWEtY3Vyc29y"))
     assert detail == {
         "field": "cursor",
         "message": "Use next_cursor from a page",
@@ -1067,10 +1049,10 @@ def test_a_set_balance_is_checked_like_any_operation():
     }
     for bad in (-1, True, 1.5, "5"):
         assert (
-            _refusal(lambda bad=bad: SetBalance(limits=LIMITS, user_id="u", balance_units=bad))
+            refusal(lambda bad=bad: SetBalance(limits=LIMITS, user_id="u", balance_units=bad))
             == expected
         )
-    assert _refusal(lambda: SetBalance(limits=LIMITS, user_id="", balance_units=0))["field"] == (
+    assert refusal(lambda: SetBalance(limits=LIMITS, user_id="", balance_units=0))["field"] == (
         "user_id"
     )
     assert SetBalance(limits=LIMITS, user_id="u", balance_units=0).reason == "balance set"
@@ -1205,9 +1187,9 @@ def test_history_defaults_to_pages_of_twenty_and_reads_check_the_user(app, user_
             "message": "Use a string of 1-128 printable characters",
             "code": "identity",
         }
-        assert _refusal(lambda: ledger.history("")) == bad_user
-        assert _refusal(lambda: ledger.pending_holds(" ")) == bad_user
-        assert _refusal(lambda: ledger.find_by_user_id("a\x00")) == bad_user
+        assert refusal(lambda: ledger.history("")) == bad_user
+        assert refusal(lambda: ledger.pending_holds(" ")) == bad_user
+        assert refusal(lambda: ledger.find_by_user_id("a\x00")) == bad_user
 
 
 def test_a_key_must_be_printable_ascii_of_1_to_255():
@@ -1269,11 +1251,11 @@ def test_reads_check_their_limit(app, user_id):
         ledger.top_up(user_id, U)
         ledger.top_up(user_id, U)
         for bad in (0, -1, True, "5", 1.0):
-            assert _refusal(lambda bad=bad: ledger.history(user_id, limit=bad)) == bad_limit
-            assert _refusal(lambda bad=bad: ledger.pending_holds(user_id, limit=bad)) == bad_limit
+            assert refusal(lambda bad=bad: ledger.history(user_id, limit=bad)) == bad_limit
+            assert refusal(lambda bad=bad: ledger.pending_holds(user_id, limit=bad)) == bad_limit
         assert len(ledger.history(user_id, limit=1).items) == 1
         key_type = {"field": "idempotency_key", "message": "Use a string", "code": "type"}
-        assert _refusal(lambda: ledger.top_up(user_id, U, idempotency_key=5)) == key_type
+        assert refusal(lambda: ledger.top_up(user_id, U, idempotency_key=5)) == key_type
 
 
 def test_history_since_is_inclusive_and_until_exclusive(app, clock, user_id):

@@ -309,60 +309,39 @@ def _hide_the_winner(monkeypatch: Any, times: int) -> list[int]:
     return hidden
 
 
-def _charges(app: Any, user_id: str) -> list[str]:
-    with app.app_context():
-        return [
-            e.id for e in current_ledger().history(user_id, limit=50).items if e.type == "charge"
-        ]
-
-
-def test_a_duplicate_losing_once_replays_even_with_no_wait(host: Any, user_id: str) -> None:
-    app = host(CREDITS_IDEMPOTENCY_WAIT_SECONDS=0)
-    with app.app_context():
-        ledger = current_ledger()
-        ledger.top_up(user_id, 5 * U)
-        first = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
-        # The retry loses on the key once, past the (zero) wait: it replays.
-        again = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
-        assert again == first
-        assert ledger.find_by_user_id(user_id).balance_units == 4 * U
-    assert _charges(app, user_id) == [first.id]
-
-
-def test_a_duplicate_losing_twice_within_the_wait_replays(
-    host: Any, user_id: str, monkeypatch: Any
+@pytest.mark.parametrize(
+    ("wait", "losses", "answer"),
+    [(0, 1, "replay"), (30, 2, "replay"), (0, 2, "in progress")],
+    ids=["once-no-wait", "twice-within-the-wait", "twice-past-the-wait"],
+)
+def test_a_duplicate_losing_the_race_for_its_key(
+    host: Any, user_id: str, monkeypatch: Any, wait: int, losses: int, answer: str
 ) -> None:
-    app = host(CREDITS_IDEMPOTENCY_WAIT_SECONDS=30)
-    with app.app_context():
-        ledger = current_ledger()
-        ledger.top_up(user_id, 5 * U)
-        first = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
-        hidden = _hide_the_winner(monkeypatch, times=1)
-        again = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
-        assert hidden == [1]
-        assert again == first
-        assert ledger.find_by_user_id(user_id).balance_units == 4 * U
-    assert _charges(app, user_id) == [first.id]
-
-
-def test_a_duplicate_losing_twice_past_the_wait_is_in_progress_and_changes_nothing(
-    host: Any, user_id: str, monkeypatch: Any
-) -> None:
+    """The first loss always runs again and replays; a further loss runs
+    again within ``CREDITS_IDEMPOTENCY_WAIT_SECONDS`` and past it answers
+    ``IDEMPOTENCY_IN_PROGRESS``, storing nothing."""
     from callora_credits.errors import IdempotencyInProgress
 
-    app = host(CREDITS_IDEMPOTENCY_WAIT_SECONDS=0)
+    app = host(CREDITS_IDEMPOTENCY_WAIT_SECONDS=wait)
+    key = f"{user_id}-c"
     with app.app_context():
         ledger = current_ledger()
         ledger.top_up(user_id, 5 * U)
-        first = ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
-        hidden = _hide_the_winner(monkeypatch, times=1)
-        with pytest.raises(IdempotencyInProgress):
-            ledger.charge(user_id, U, idempotency_key=f"{user_id}-c")
-        assert hidden == [1]
-        # Nothing was stored for the refusal: the next retry replays.
-        assert ledger.charge(user_id, U, idempotency_key=f"{user_id}-c") == first
+        first = ledger.charge(user_id, U, idempotency_key=key)
+        # The first loss is on the record's primary key; each further one
+        # needs the record hidden from one look-up.
+        hidden = _hide_the_winner(monkeypatch, times=losses - 1)
+        if answer == "replay":
+            assert ledger.charge(user_id, U, idempotency_key=key) == first
+        else:
+            with pytest.raises(IdempotencyInProgress):
+                ledger.charge(user_id, U, idempotency_key=key)
+            # Nothing was stored for the refusal: the next retry replays.
+            assert ledger.charge(user_id, U, idempotency_key=key) == first
+        assert len(hidden) == losses - 1
         assert ledger.find_by_user_id(user_id).balance_units == 4 * U
-    assert _charges(app, user_id) == [first.id]
+        charges = [e.id for e in ledger.history(user_id, limit=50).items if e.type == "charge"]
+        assert charges == [first.id]
 
 
 def test_identities_are_up_to_128_characters_and_text_must_be_storable(

@@ -9,13 +9,12 @@ that touch the database run on every engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
 import pytest
-from conftest import Clock, Databases, make_app
+from conftest import LIMITS, Clock, Databases, make_app, refusal
 
 from callora_credits import current_ledger
 from callora_credits.core.grants import DueHold, GrantState, due_events, next_due
@@ -29,29 +28,11 @@ from callora_credits.core.records import (
     Record,
     attr,
 )
-from callora_credits.errors import GrantNotActive, NotFound, ValidationError
+from callora_credits.errors import GrantNotActive, NotFound
 
 U = UNITS_PER_USDC
 MAX = 1_000_000_000 * U  # CREDITS_MAX_AMOUNT_USDC's default
 START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_amount_units: int = MAX
-    hold_ttl_seconds: int = 300
-    hold_ttl_max_seconds: int = 86_400
-
-
-LIMITS = Limits()
-
-
-def _refusal(build: Callable[[], object]) -> dict[str, str]:
-    with pytest.raises(ValidationError) as caught:
-        build()
-    assert caught.value.code == "VALIDATION_ERROR"
-    (detail,) = caught.value.details
-    return dict(detail)
 
 
 def _grant_op(**fields: Any) -> CreateGrant:
@@ -168,7 +149,7 @@ NOON = datetime(2026, 6, 5, 12, 0, tzinfo=timezone.utc)
     ],
 )
 def test_each_grant_refusal_names_its_field_code_and_message(fields, expected):
-    assert _refusal(lambda: _grant_op(**fields)) == expected
+    assert refusal(lambda: _grant_op(**fields)) == expected
 
 
 def test_a_grant_accepts_each_bound_and_keeps_what_was_asked():
@@ -234,7 +215,7 @@ def test_a_grant_accepts_each_bound_and_keeps_what_was_asked():
     ],
 )
 def test_each_void_refusal_names_its_field_code_and_message(fields, expected):
-    assert _refusal(lambda: VoidGrant(limits=LIMITS, **fields)) == expected
+    assert refusal(lambda: VoidGrant(limits=LIMITS, **fields)) == expected
 
 
 @pytest.mark.parametrize("grant_id", ["", "g" * 65, "grant_\n", "grant_\x00"])
@@ -464,7 +445,7 @@ def test_the_python_api_refuses_a_bad_grant_and_writes_nothing(
 ):
     with app.app_context():
         ledger = current_ledger()
-        assert _refusal(lambda: ledger.grant(user_id, amount, **fields)) == expected
+        assert refusal(lambda: ledger.grant(user_id, amount, **fields)) == expected
         assert ledger.find_by_user_id(user_id) is None
         assert ledger.grants(user_id, status="all").items == []
 
@@ -473,9 +454,9 @@ def test_the_python_api_refuses_a_grant_to_a_bad_user_id(app):
     with app.app_context():
         ledger = current_ledger()
         expected = {"field": "user_id", "message": IDENTITY, "code": "identity"}
-        assert _refusal(lambda: ledger.grant("", U)) == expected
-        assert _refusal(lambda: ledger.grants("")) == expected
-        assert _refusal(lambda: ledger.grants("u\x00")) == expected
+        assert refusal(lambda: ledger.grant("", U)) == expected
+        assert refusal(lambda: ledger.grants("")) == expected
+        assert refusal(lambda: ledger.grants("u\x00")) == expected
 
 
 def test_a_void_takes_what_is_left_with_its_reason_and_actor(app, clock, user_id):
@@ -505,7 +486,7 @@ def test_a_void_takes_what_is_left_with_its_reason_and_actor(app, clock, user_id
         with pytest.raises(NotFound) as lost:
             ledger.void_grant(f"grant_{'0' * 24}")
         assert lost.value.message == "No such grant"
-        refused = _refusal(lambda: ledger.void_grant(given.id, reason="r" * 501))
+        refused = refusal(lambda: ledger.void_grant(given.id, reason="r" * 501))
         assert refused == {
             "field": "reason",
             "message": "Use text of 0-500 characters, without NUL",
@@ -558,13 +539,11 @@ def test_grants_lists_each_status_newest_first(app, clock, user_id):
         (shown,) = ledger.grants(user_id, status="expired").items
         assert (shown.status, shown.remaining_units) == ("expired", 0)
         for status in ("default", "pending", "", "ALL", "Active"):
-            assert _refusal(lambda status=status: ledger.grants(user_id, status=status)) == STATUS
+            assert refusal(lambda status=status: ledger.grants(user_id, status=status)) == STATUS
         for limit in (0, -1, True, 2.0, "2", None):
-            assert _refusal(lambda limit=limit: ledger.grants(user_id, limit=limit)) == LIMIT
-            assert _refusal(lambda limit=limit: ledger.history(user_id, limit=limit)) == LIMIT
-            assert (
-                _refusal(lambda limit=limit: ledger.pending_holds(user_id, limit=limit)) == LIMIT
-            )
+            assert refusal(lambda limit=limit: ledger.grants(user_id, limit=limit)) == LIMIT
+            assert refusal(lambda limit=limit: ledger.history(user_id, limit=limit)) == LIMIT
+            assert refusal(lambda limit=limit: ledger.pending_holds(user_id, limit=limit)) == LIMIT
 
 
 def test_grants_pages_walk_every_grant_once(app, clock, user_id):
@@ -584,7 +563,7 @@ def test_grants_pages_walk_every_grant_once(app, clock, user_id):
         assert exact.next_cursor is None
         # An entries cursor is not a grants cursor.
         entries = ledger.history(user_id, limit=1).next_cursor
-        assert _refusal(lambda: ledger.grants(user_id, cursor=entries)) == {
+        assert refusal(lambda: ledger.grants(user_id, cursor=entries)) == {
             "field": "cursor",
             "message": "Use next_cursor from a page",
             "code": "cursor",
