@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import pytest
 import sqlalchemy as sa
 from conftest import LIMITS, SERVICE_SCOPE, assert_only_debits_refundable, make_token, refusal
+from conftest import MAX_AMOUNT_UNITS as MAX
 from sqlalchemy.dialects import postgresql, sqlite
 
 from callora_credits import current_ledger, signals
@@ -61,7 +62,6 @@ from callora_credits.errors import (
 )
 
 U = UNITS_PER_USDC
-MAX = 1_000_000_000 * U  # CREDITS_MAX_AMOUNT_USDC's default
 
 FORM = 'a JSON string of digits with at most 7 decimals, such as "12.5000000"'
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import CLOCK_START as START
 from conftest import Clock
 from flask import Flask
 from invariants import ledger_problems, snapshot
@@ -41,7 +42,6 @@ from callora_credits.errors import (
 )
 
 U = 10_000_000
-START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture

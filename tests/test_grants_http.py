@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE, Clock, Databases, assert_error, make_app
+from conftest import CLOCK_START as START
 
 from callora_credits import current_ledger
 
 BASE = "/api/billing/credits"
 U = 10_000_000
-START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 GRANT_KEYS = {
     "id",
     "user_id",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import MAX_AMOUNT_UNITS as MAX
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,8 +14,6 @@ from callora_credits.core.money import (
     parse_amount,
     parse_units,
 )
-
-MAX = 1_000_000_000 * UNITS_PER_USDC
 
 
 @given(st.integers(min_value=1, max_value=MAX))

@@ -9,10 +9,11 @@ every engine.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from conftest import CLOCK_START as START
 from invariants import ledger_problems
 
 from callora_credits import current_ledger
@@ -20,7 +21,6 @@ from callora_credits.core.money import UNITS_PER_USDC, format_units
 from callora_credits.db import grant_rows, hold_rows, store
 
 U = UNITS_PER_USDC
-START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def _tamper(app: Any, *statements: Any) -> None:

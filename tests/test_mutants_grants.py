@@ -14,7 +14,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
 import pytest
+from conftest import CLOCK_START as START
 from conftest import LIMITS, Clock, Databases, make_app, refusal
+from conftest import MAX_AMOUNT_UNITS as MAX
 
 from callora_credits import current_ledger
 from callora_credits.core.grants import DueHold, GrantState, due_events, next_due
@@ -31,8 +33,6 @@ from callora_credits.core.records import (
 from callora_credits.errors import GrantNotActive, NotFound
 
 U = UNITS_PER_USDC
-MAX = 1_000_000_000 * U  # CREDITS_MAX_AMOUNT_USDC's default
-START = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def _grant_op(**fields: Any) -> CreateGrant:

@@ -7,18 +7,18 @@ real tables.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
+from conftest import CLOCK_START as T0
 
 from callora_credits import current_ledger
 from callora_credits.core.money import UNITS_PER_USDC
 from callora_credits.db import grant_rows, store
 
 U = UNITS_PER_USDC
-T0 = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def test_a_dead_grant_still_holding_for_a_pending_hold_is_live(app, clock, user_id):

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import ADMIN, ADMIN_SCOPE, SERVICE_SCOPE, assert_error, make_token
+from conftest import MAX_AMOUNT_UNITS as MAX_UNITS
 from invariants import ledger_problems
 
 from callora_credits import current_ledger
@@ -28,7 +29,6 @@ from callora_credits.db.models import Account, HoldRow, IdempotencyRecord, Ledge
 from callora_credits.errors import DuplicateReference, ValidationError
 
 U = 10_000_000
-MAX_UNITS = 1_000_000_000 * U  # CREDITS_MAX_AMOUNT_USDC's default
 
 
 def _rows(app: Any, user_id: str) -> tuple[Any, int, int, int]:
