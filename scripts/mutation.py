@@ -207,7 +207,8 @@ def _report(results: dict[str, dict[str, int | None]], complete: bool) -> float:
     """
     listed = _listed(ROOT / "docs" / "mutants")
     total: Counter[str] = Counter()
-    survivors: list[str] = []
+    known: list[str] = []
+    unknown: list[str] = []
     print()
     print(
         f"{'module':40} {'mutants':>7} {'killed':>7} {'survived':>8} {'no tests':>8} "
@@ -217,16 +218,16 @@ def _report(results: dict[str, dict[str, int | None]], complete: bool) -> float:
         status = {name: STATUS_BY_EXIT_CODE.get(code, OTHER) for name, code in codes.items()}
         counts: Counter[str] = Counter(status.values())
         left = sorted(name for name, s in status.items() if s in (SURVIVED, NO_TESTS, OTHER))
-        counts[LISTED] = sum(1 for name in left if _is_listed(name, listed))
+        here = [name for name in left if _is_listed(name, listed)]
+        counts[LISTED] = len(here)
         total.update(counts)
-        survivors += left
+        known += here
+        unknown += [name for name in left if name not in here]
         print(_line(module_file, counts))
     print(_line("total", total))
     if total[NOT_CHECKED]:
         print(f"\n{total[NOT_CHECKED]} mutants were not checked (the run was stopped first).")
-    if survivors:
-        known = [name for name in survivors if _is_listed(name, listed)]
-        unknown = [name for name in survivors if name not in known]
+    if known or unknown:
         print(f"\n{len(known)} survivors are listed in docs/mutants with the reason for each.")
         show = f"cd {WORK.relative_to(ROOT)} && {sys.executable} -m mutmut show NAME"
         print(f"{len(unknown)} are not (`{show}` shows one as a diff):")
